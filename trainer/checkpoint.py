@@ -1,0 +1,199 @@
+"""Sharded Orbax checkpoints: async saves, resume from the latest good step, preemption.
+
+Each checkpoint step folder holds three items: `state` (parameters, Adam moments, step, RNG
+key; every process writes its own shards), `data` (the input iterators' states of all
+processes, JSON) and `config` (the resolved config, JSON). Restoring targets the current mesh's
+shardings, so a checkpoint saved on one mesh restores onto any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from trainer.config import Config, ConfigError, to_dict
+from trainer.state import StateSpec, TrainState, abstract_with_shardings
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class CheckpointManager:
+    """The run's `WORKDIR/checkpoints` directory, wrapped for the train loop."""
+
+    def __init__(self, cfg: Config, spec: StateSpec, mesh: jax.sharding.Mesh):
+        self.cfg = cfg
+        self.spec = spec
+        self.directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
+        policies = [ocp.checkpoint_managers.LatestN(cfg.checkpoint.keep)]
+        if cfg.checkpoint.keep_period:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(cfg.checkpoint.keep_period))
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=cfg.checkpoint.async_save,
+            # An interrupted save leaves `N.orbax-checkpoint-tmp*`: never used, removed on start.
+            cleanup_tmp_directories=True,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # ---------------------------------------------------------------------------------- save
+
+    def should_save(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every
+        return every > 0 and step % every == 0
+
+    def save(self, step: int, state: TrainState, data_state: dict[str, Any] | None, *, force: bool = False) -> None:
+        if step in self._manager.all_steps():
+            return
+        data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data),
+            config=ocp.args.JsonSave(to_dict(self.cfg)),
+        ), force=force)
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    # ------------------------------------------------------------------------------- restore
+
+    def restore_or_init(self, create: Callable[[StateSpec], TrainState]) -> tuple[TrainState, Any]:
+        """Resumes from the newest checkpoint that restores cleanly, else initialises.
+
+        Returns the state and this process's data-iterator state (None when starting fresh or
+        when the checkpoint came from a different number of processes).
+        """
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            path = os.path.join(self.directory, str(step))
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_with_shardings(self.spec)),
+                    data=ocp.args.JsonRestore(),
+                ))
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                _warn(f"checkpoint {path} is damaged or incomplete ({type(e).__name__}: {_first_line(e)}); "
+                      f"trying the one before")
+                continue
+            _log(f"resuming from checkpoint step {step}: {path}")
+            data = restored["data"] or {}
+            data_state = None
+            if data.get("process_count") == jax.process_count():
+                data_state = data["states"][jax.process_index()]
+            else:
+                _warn(f"checkpoint {path} was written by {data.get('process_count')} process(es), this run has "
+                      f"{jax.process_count()}: the input pipeline is fast-forwarded by {step} batches instead")
+                data_state = {"fast_forward_batches": step}
+            return restored["state"], data_state
+        state = create(self.spec)
+        if self.cfg.checkpoint.restore_from:
+            state = self._init_from(self.cfg.checkpoint.restore_from, state)
+        return state, None
+
+    def _init_from(self, path: str, state: TrainState) -> TrainState:
+        """Copies parameters (or the whole state) from another run's checkpoint."""
+        directory, step = _resolve_checkpoint(path)
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as other:
+            meta = other.item_metadata(step)["state"]
+            _check_shapes(meta["params"], state["params"], path)
+            if self.cfg.checkpoint.restore_params_only:
+                target = {"params": abstract_with_shardings(self.spec)["params"]}
+                restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True)))["state"]
+                _log(f"initialised parameters from {os.path.join(directory, str(step))}")
+                return {**state, "params": restored["params"]}
+            restored = other.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_with_shardings(self.spec))))["state"]
+            _log(f"initialised the whole train state from {os.path.join(directory, str(step))}")
+            return restored
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _resolve_checkpoint(path: str) -> tuple[str, int]:
+    """Accepts a run's workdir, its checkpoints folder, or one step folder."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.isdir(path):
+        return os.path.dirname(path), int(base)
+    if not os.path.isdir(path):
+        raise ConfigError(f"checkpoint.restore_from: {path} does not exist")
+    steps = [int(d) for d in os.listdir(path) if d.isdigit()]
+    if not steps:
+        raise ConfigError(f"checkpoint.restore_from: no checkpoints in {path}")
+    return path, max(steps)
+
+
+def _check_shapes(saved: Any, current: Any, source: str) -> None:
+    """Errors naming the parameter and both shapes when the model shape changed."""
+    saved_flat = {jax.tree_util.keystr(p): tuple(getattr(v, "shape", ())) for p, v in
+                  jax.tree_util.tree_flatten_with_path(saved)[0]}
+    current_flat = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(current)[0]}
+    for name, shape in current_flat.items():
+        if name not in saved_flat:
+            raise ConfigError(f"checkpoint.restore_from={source}: parameter {name} (shape {shape}) is not in the "
+                              f"checkpoint")
+        if saved_flat[name] != shape:
+            raise ConfigError(f"checkpoint.restore_from={source}: parameter {name} has shape {saved_flat[name]} "
+                              f"in the checkpoint but {shape} in this model")
+
+
+def _gather_json(value: Any) -> list[Any]:
+    """Every process's JSON-able value, in process order (the iterator states differ per host)."""
+    if jax.process_count() == 1:
+        return [value]
+    raw = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: raw.size] = raw
+    everything = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(everything, lengths.reshape(-1))]
+
+
+class PreemptionWatch:
+    """Turns SIGTERM into "save at the next step boundary, then exit".
+
+    With several processes, JAX's preemption sync point makes all of them agree on the step;
+    alone, a signal handler sets a flag.
+    """
+
+    def __init__(self):
+        self._flag = threading.Event()
+        self._multi = jax.process_count() > 1
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
+
+    @property
+    def requested(self) -> bool:
+        return self._flag.is_set()
+
+    def reached(self, step: int) -> bool:
+        if self._multi:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except Exception:  # noqa: BLE001 - no preemption service (e.g. not started by jax.distributed)
+                return False
+        return self._flag.is_set()

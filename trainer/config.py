@@ -1,0 +1,317 @@
+"""Typed run configuration: YAML files plus dotted `key=value` overrides.
+
+Each section of the YAML is a frozen dataclass owned by the package that uses it (the model's
+sizes live in `model.config`, the input pipeline's in `trainer.data.config`, ...). This module
+only composes them and turns mistakes into errors that name the key at fault, before anything
+is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import ModelConfig
+from trainer.data.config import DataConfig
+from trainer.distributed import DistributedConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key (and file) at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    cpu_devices: int | None = None  # simulate this many CPU devices per process
+    platform: str | None = None  # force a JAX platform (cpu, gpu, tpu); None = JAX's choice
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1 fills with the remaining devices
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global, in sequences (packed rows)
+    grad_accum_steps: int = 1
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"  # cosine | rsqrt | constant
+    warmup_steps: int = 100
+    end_learning_rate_ratio: float = 0.1  # cosine floor as a fraction of the peak
+    weight_decay: float = 0.01
+    adam_b1: float = 0.9
+    adam_b2: float = 0.98
+    adam_eps: float = 1e-9
+    grad_clip_norm: float = 1.0  # 0 disables clipping
+    label_smoothing: float = 0.0
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables eval
+    eval_batches: int = 0  # 0 = the whole held-out split
+    on_nonfinite: str = "stop"  # stop | skip
+    # Test-only: multiply the loss by inf at this step to exercise the non-finite handling.
+    debug_nonfinite_step: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # steps; 0 disables periodic saves
+    keep: int = 3
+    keep_period: int = 0  # also keep every Nth step forever; 0 disables
+    async_save: bool = True
+    restore_from: str | None = None  # initialise from another run's checkpoint
+    restore_params_only: bool = True
+
+
+DEFAULT_RULES: list[list[Any]] = [
+    # parameters
+    ["batch", ["data", "fsdp"]],
+    ["embed", "fsdp"],
+    ["mlp", "tensor"],
+    ["heads", "tensor"],
+    ["vocab", "tensor"],
+    ["kv", None],
+    ["length", None],
+    ["layers", None],
+    # activations: the batch already uses fsdp, so embed stays whole
+    ["activation_batch", ["data", "fsdp"]],
+    ["activation_length", None],
+    ["activation_embed", None],
+    ["activation_heads", "tensor"],
+    ["activation_kv", None],
+    ["activation_mlp", "tensor"],
+    ["activation_vocab", "tensor"],
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    workdir: str = "runs/default"
+    seed: int = 0
+    rules: Any = dataclasses.field(default_factory=lambda: DEFAULT_RULES)  # list of pairs or preset name
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Reads a YAML file (safe loader); a `base:` key names a file it extends."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: `base` chain loops back to {base_path}")
+    merged = _read_yaml(base_path, seen + (path.resolve(),))
+    _deep_merge(merged, raw)
+    return merged
+
+
+def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _resolved_types(cls: type) -> dict[str, Any]:
+    module = __import__(cls.__module__, fromlist=["_"])
+    return typing.get_type_hints(cls, vars(module))
+
+
+def _unknown_key(key: str, choices: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], choices, n=1, cutoff=0.5)
+    hint = f"; did you mean `{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}`?" if close else ""
+    return ConfigError(f"unknown config key `{key}`{where}{hint} (valid: {', '.join(sorted(choices))})")
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Checks `value` against a field's type; returns it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key `{key}` expects {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            return list(value) if origin is list else tuple(value)
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"config key `{key}` expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key `{prefix.rstrip('.')}` must be a mapping{where}")
+    fields = _fields(cls)
+    hints = _resolved_types(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        full = prefix + str(key)
+        if key not in fields:
+            raise _unknown_key(full, list(fields), where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, full + ".", where)
+        else:
+            kwargs[key] = _check_value(full, value, tp)
+    return cls(**kwargs)
+
+
+def parse_overrides(args: list[str]) -> tuple[Path | None, dict[str, Any]]:
+    """Splits CLI arguments into an optional config path and a nested dict of overrides."""
+    path = None
+    nested: dict[str, Any] = {}
+    for arg in args:
+        if "=" not in arg:
+            if path is not None or arg.startswith("-"):
+                raise ConfigError(f"unexpected argument `{arg}`: expected CONFIG.yaml then key.path=value overrides")
+            path = Path(arg)
+            continue
+        key, _, text = arg.partition("=")
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"malformed override `{arg}`: expected key.path=value")
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override `{arg}` conflicts with an earlier override of `{part}`")
+        node[parts[-1]] = value
+    return path, nested
+
+
+def load_config(args: list[str] | None = None, *, path: str | os.PathLike | None = None) -> Config:
+    """Builds the Config from `[CONFIG.yaml] [key=value ...]` (CONFIG defaults to default.yaml)."""
+    cli_path, overrides = parse_overrides(list(args or []))
+    config_path = Path(path) if path is not None else (cli_path or DEFAULT_CONFIG)
+    raw = _read_yaml(config_path)
+    cfg = _build(Config, raw, "", f" in {config_path}")
+    if overrides:
+        merged = _deep_merge_into(to_dict(cfg), overrides)
+        cfg = _build(Config, merged, "", " (command-line override)")
+    validate(cfg)
+    return cfg
+
+
+def _deep_merge_into(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    # Unknown override keys must still be reported, so merge into the plain dict and rebuild.
+    _deep_merge(base, overrides)
+    return base
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def validate(cfg: Config) -> None:
+    """Checks values that the types alone cannot (mesh fit is checked once devices are known)."""
+    t = cfg.train
+    _require(t.steps >= 0, "train.steps", "must be >= 0")
+    _require(t.batch_size > 0, "train.batch_size", "must be > 0")
+    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
+             f"({t.batch_size}) must be divisible by train.grad_accum_steps ({t.grad_accum_steps})")
+    _require(t.schedule in ("cosine", "rsqrt", "constant"), "train.schedule",
+             f"must be cosine, rsqrt or constant, got {t.schedule!r}")
+    _require(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}")
+    _require(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
+    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables eval)")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    _require(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+    for name in ("data", "fsdp", "tensor"):
+        size = getattr(cfg.mesh, name)
+        _require(size == -1 or size >= 1, f"mesh.{name}", f"must be -1 (fill) or >= 1, got {size}")
+    _require(sum(getattr(cfg.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) <= 1, "mesh",
+             "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 disables)")
+    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    rc = cfg.runtime.cpu_devices
+    _require(rc is None or rc >= 1, "runtime.cpu_devices", f"must be >= 1, got {rc}")
+    for section in (cfg.model, cfg.data, cfg.distributed):
+        try:
+            section.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key `{key}` {message}")

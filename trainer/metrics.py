@@ -1,0 +1,96 @@
+"""Where numbers go: metrics.jsonl, TensorBoard (MaxText's scalar names) and the console.
+
+Only process 0 writes; other processes get a writer that drops everything, so call sites stay
+free of `if process_index == 0` branches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+# metrics.jsonl key -> TensorBoard scalar name (MaxText's spellings).
+TRAIN_SCALARS = {
+    "loss": "learning/loss",
+    "grad_norm": "learning/grad_norm",
+    "learning_rate": "learning/current_learning_rate",
+    "step_time_s": "perf/step_time_seconds",
+    "per_device_tokens_per_sec": "perf/per_device_tokens_per_sec",
+    "per_device_tflops_per_sec": "perf/per_device_tflops_per_sec",
+    "mfu": "perf/mfu",
+    "skipped_steps": "learning/skipped_steps",
+}
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step and mirrors the scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
+
+        self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=10)
+
+    def write(self, record: dict[str, Any]) -> None:
+        """`record` needs `step` and `split`; floats are written at full precision."""
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+        self._jsonl.flush()
+        step, split = int(record["step"]), record["split"]
+        for key, value in record.items():
+            if key in ("step", "split") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            tag = TRAIN_SCALARS.get(key, f"train/{key}") if split == "train" else f"{split}/{key}"
+            self._tb.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.enabled:
+            self._tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Console:
+    """One progress line per logged step: step, loss, tokens/s, MFU and ETA."""
+
+    def __init__(self, total_steps: int, *, enabled: bool = True, stream=None):
+        self.total = total_steps
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.start = time.time()
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=self.stream, flush=True)
+
+    def progress(self, step: int, loss: float, tokens_per_sec: float, mfu: float, step_time: float) -> None:
+        eta = (self.total - step) * step_time
+        width = len(str(self.total))
+        self.log(f"step {step:>{width}}/{self.total} | loss {loss:.4f} | {tokens_per_sec:,.0f} tok/s | "
+                 f"mfu {100 * mfu:.1f}% | {step_time * 1e3:.0f} ms/step | eta {format_duration(eta)}")

@@ -1,0 +1,136 @@
+"""The jitted train and eval steps: loss, gradient accumulation, optimizer update."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from trainer.state import TrainState
+
+BATCH_KEYS = ("inputs", "targets", "inputs_segment_ids", "targets_segment_ids",
+              "inputs_positions", "targets_positions")
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, *, vocab_size: int,
+                  label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Summed token loss, summed weights and summed correct predictions.
+
+    Label smoothing spreads its mass over the real vocabulary only: the padded rows of the
+    logits are masked by the model and must not receive any target probability.
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if label_smoothing > 0:
+        real = jnp.arange(logits.shape[-1]) < vocab_size
+        uniform = -jnp.sum(jnp.where(real, logp, 0.0), axis=-1) / vocab_size
+        loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    else:
+        loss = nll
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return jnp.sum(loss * weights), jnp.sum(weights), jnp.sum(correct * weights)
+
+
+def _forward(graphdef: Any, params: Any, batch: dict[str, jax.Array], *, deterministic: bool,
+             dropout_rng: jax.Array | None) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    return model(batch["inputs"], batch["targets"],
+                 inputs_segment_ids=batch.get("inputs_segment_ids"),
+                 targets_segment_ids=batch.get("targets_segment_ids"),
+                 inputs_positions=batch.get("inputs_positions"),
+                 targets_positions=batch.get("targets_positions"),
+                 deterministic=deterministic, dropout_rng=dropout_rng)
+
+
+def _weights(batch: dict[str, jax.Array]) -> jax.Array:
+    seg = batch.get("targets_segment_ids")
+    return ((seg > 0) if seg is not None else (batch["targets"] > 0)).astype(jnp.float32)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], loss_scale: jax.Array, *, graphdef: Any,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, vocab_size: int, label_smoothing: float,
+               grad_accum_steps: int, skip_nonfinite: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step over the global batch, split into `grad_accum_steps` microbatches.
+
+    Gradients of the summed loss are accumulated and divided by the total number of target
+    tokens once, so accumulation gives the same update as one big batch. `loss_scale` is 1
+    except in tests that inject a non-finite loss.
+    """
+    step = state["step"]
+    base_rng = jax.random.wrap_key_data(state["rng"])
+    step_rng = jax.random.fold_in(base_rng, step)
+
+    def micro_loss(params, micro, rng):
+        logits = _forward(graphdef, params, micro, deterministic=False, dropout_rng=rng)
+        loss_sum, weight_sum, correct = cross_entropy(logits, micro["targets"], _weights(micro),
+                                                      vocab_size=vocab_size, label_smoothing=label_smoothing)
+        return loss_sum, (weight_sum, correct)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    params = state["params"]
+    if grad_accum_steps == 1:
+        (loss_sum, (weight_sum, correct)), grads = grad_fn(params, batch, step_rng)
+    else:
+        # Row r goes to microbatch r % n: each device keeps its own rows, no data moves.
+        micro_batches = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]), 0, 1),
+            batch)
+
+        def accumulate(carry, xs):
+            micro, index = xs
+            (l, (w, c)), g = grad_fn(params, micro, jax.random.fold_in(step_rng, index))
+            acc_g, acc_l, acc_w, acc_c = carry
+            return (jax.tree.map(jnp.add, acc_g, g), acc_l + l, acc_w + w, acc_c + c), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+        (grads, loss_sum, weight_sum, correct), _ = jax.lax.scan(
+            accumulate, init, (micro_batches, jnp.arange(grad_accum_steps)))
+
+    denom = jnp.maximum(weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g * loss_scale / denom, grads)
+    loss = loss_sum * loss_scale / denom
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        # Keep the old parameters and moments; the step counter still advances so data moves on.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_params = keep(new_params, params)
+        new_opt_state = keep(new_opt_state, state["opt_state"])
+    new_state = {**state, "step": step + 1, "params": new_params, "opt_state": new_opt_state}
+    metrics = {
+        "loss": loss,
+        "accuracy": correct / denom,
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(step),
+        "target_tokens": weight_sum,
+        "finite": finite,
+    }
+    return new_state, metrics
+
+
+def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, vocab_size: int) -> dict[str, jax.Array]:
+    """Sums for one eval batch (the loop divides at the end): loss without smoothing, accuracy."""
+    logits = _forward(graphdef, params, batch, deterministic=True, dropout_rng=None)
+    loss_sum, weight_sum, correct = cross_entropy(logits, batch["targets"], _weights(batch), vocab_size=vocab_size)
+    return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct}
+
+
+def jit_train_step(graphdef, tx, schedule, *, vocab_size: int, label_smoothing: float, grad_accum_steps: int,
+                   skip_nonfinite: bool, state_shardings, batch_sharding):
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, vocab_size=vocab_size,
+                           label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
+                           skip_nonfinite=skip_nonfinite)
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, None),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def jit_eval_step(graphdef, *, vocab_size: int, param_shardings, batch_sharding):
+    fn = functools.partial(eval_step, graphdef=graphdef, vocab_size=vocab_size)
+    return jax.jit(fn, in_shardings=(param_shardings, batch_sharding))
