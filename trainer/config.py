@@ -71,6 +71,7 @@ class CheckpointConfig:
     every: int = 0  # steps; 0 disables periodic saves
     keep: int = 3
     keep_period: int = 0  # also keep every Nth step forever; 0 disables
+    save_final: bool = True  # also save when training ends
     async_save: bool = True
     restore_from: str | None = None  # initialise from another run's checkpoint
     restore_params_only: bool = True
@@ -186,6 +187,11 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `5e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

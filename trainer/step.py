@@ -94,7 +94,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_scale: jax.A
     denom = jnp.maximum(weight_sum, 1.0)
     grads = jax.tree.map(lambda g: g * loss_scale / denom, grads)
     loss = loss_sum * loss_scale / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -30,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Runs training as configured; returns the last logged train and eval metrics."""
+def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
+    """Runs training as configured; returns the last logged train and eval metrics.
+
+    `devices` restricts the mesh to some of the devices (tests compare meshes in one process).
+    """
     # Devices first: simulated CPU devices and jax.distributed must be set before JAX starts.
     import jax
 
@@ -60,13 +63,13 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # Mesh and rules.
     try:
-        mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+        mesh = make_mesh(dataclasses.asdict(cfg.mesh), devices)
         rules = load_rules(cfg.rules)
     except (MeshError, RulesError) as e:
         raise ConfigError(str(e)) from None
     batch_ways = axes_size("batch", rules, mesh)
     _check_batch(cfg, batch_ways, jax.process_count())
-    console.log(f"mesh: {dict(mesh.shape)} over {jax.device_count()} devices "
+    console.log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices "
                 f"({jax.process_count()} process(es), {jax.local_device_count()} local)")
 
     # Model sizes: pad the vocabulary so it splits over whatever mesh axes `vocab` maps to.
@@ -84,6 +87,12 @@ def train(cfg: Config) -> dict[str, Any]:
     if train_data.vocab_size != cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) does not match the tokenizer's vocabulary "
                           f"size ({train_data.vocab_size}); set model.vocab_size={train_data.vocab_size}")
+
+    # MFU's denominator. Simulated CPU devices share the host's cores: the peak is per host.
+    flops = model_flops_per_step(model_cfg, cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length)
+    peak, peak_source = peak_flops_per_device(model_cfg.dtype)
+    peak_total = peak * (jax.process_count() if mesh.devices.flat[0].platform == "cpu" else mesh.devices.size)
+    console.log(f"model FLOPs/step {flops / 1e9:.2f} GFLOP; peak {peak_total / 1e12:.3f} TFLOP/s ({peak_source})")
 
     # State: shapes and shardings are resolved abstractly (errors name the parameter).
     tx, schedule = make_optimizer(cfg.train)
@@ -117,11 +126,6 @@ def train(cfg: Config) -> dict[str, Any]:
         if is_main:
             console.log(f"workdir: {os.path.abspath(cfg.workdir)}\n"
                         f"tensorboard: tensorboard --logdir {os.path.abspath(writer.tensorboard_dir)} --host localhost")
-        flops = model_flops_per_step(model_cfg, cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length)
-        peak, peak_source = peak_flops_per_device(model_cfg.dtype)
-        # Simulated CPU devices share the host's cores: the peak is per host, not per device.
-        peak_total = peak * (jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count())
-        console.log(f"model FLOPs/step {flops / 1e9:.1f} GFLOP; peak {peak_total / 1e12:.3f} TFLOP/s ({peak_source})")
 
         def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
             return {k: jax.make_array_from_process_local_data(
@@ -155,7 +159,7 @@ def train(cfg: Config) -> dict[str, Any]:
             loss_scale = np.float32(np.inf if step + 1 == cfg.train.debug_nonfinite_step else 1.0)
             state, metrics = step_fn(state, next_batch, loss_scale)
             step += 1
-            save_now = manager.should_save(step) or step == cfg.train.steps
+            save_now = manager.should_save(step) or (step == cfg.train.steps and cfg.checkpoint.save_final)
             data_state = train_data.get_state() if save_now or stop.requested else None
             # Load the next batch while the step runs, then wait for this step's numbers.
             next_batch = to_global(next(data_iter)) if step < cfg.train.steps else None
@@ -176,8 +180,8 @@ def train(cfg: Config) -> dict[str, Any]:
                 record = {"step": step, "split": "train", "loss": float(host["loss"]),
                           "accuracy": float(host["accuracy"]), "learning_rate": float(host["learning_rate"]),
                           "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
-                          "per_device_tokens_per_sec": tps / jax.device_count(),
-                          "per_device_tflops_per_sec": flops / step_time / jax.device_count() / 1e12,
+                          "per_device_tokens_per_sec": tps / mesh.devices.size,
+                          "per_device_tflops_per_sec": flops / step_time / mesh.devices.size / 1e12,
                           "step_time_s": step_time, "mfu": flops / step_time / peak_total, "skipped_steps": skipped}
                 record.update(train_data.stats)
                 writer.write(record)

@@ -1,0 +1,138 @@
+"""Rules -> shardings: a golden table under the default rules, FSDP memory, rule errors."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
+from model import ModelConfig
+from sharding.mesh import MeshError, make_mesh, resolve_mesh_shape
+from sharding.rules import RulesError, as_flax_rules, load_rules, logical_to_spec
+from trainer.config import DEFAULT_RULES
+from trainer.state import create_state, make_state_spec
+
+TINY = ModelConfig(vocab_size=50, d_model=64, num_heads=4, mlp_dim=128, encoder_layers=2, decoder_layers=2,
+                   dropout=0.0, max_length=32)
+
+# Golden table: logical axis names of each parameter kind and their spec under the default rules
+# on a (data, fsdp, tensor) mesh. Keyed by the parameter's last path element(s).
+GOLDEN = {
+    ("vocab", "embed"): P("tensor", "fsdp"),
+    ("embed", "heads", "kv"): P("fsdp", "tensor", None),
+    ("heads", "kv", "embed"): P("tensor", None, "fsdp"),
+    ("embed", "mlp"): P("fsdp", "tensor"),
+    ("mlp", "embed"): P("tensor", "fsdp"),
+    ("embed",): P("fsdp"),
+    ("embed", "vocab"): P("fsdp", "tensor"),
+    ("length", "embed"): P(None, "fsdp"),
+}
+
+
+def _flat(tree):
+    from flax import nnx
+
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+
+
+def _names(variable):
+    return tuple(variable.get_metadata()["out_sharding"])
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_every_param_and_moment_matches_the_golden_table(scan):
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY, scan_layers=scan)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = load_rules(DEFAULT_RULES)
+    tx = optax.adamw(1e-3)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(as_flax_rules(rules)):
+        spec = make_state_spec(cfg, tx, mesh, rules, seed=0)
+    params = _flat(spec.shardings["params"])
+    moments = [(p, v) for p, v in _flat(spec.shardings["opt_state"]) if hasattr(v, "get_metadata")]
+    assert len(params) > 10
+    assert len(moments) == 2 * len(params)  # Adam's mu and nu, one per parameter
+    for path, variable in params + moments:
+        names = _names(variable)
+        stripped = tuple(n for n in names if n != "layers")
+        expected = GOLDEN[stripped]
+        if scan and "layers" in names:
+            assert names[0] == "layers", path
+            expected = P(None, *expected)
+        assert variable.get_value().spec == expected, (jax.tree_util.keystr(path), names)
+
+
+def test_fsdp8_state_bytes_per_device_are_an_eighth():
+    mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    rules = load_rules(DEFAULT_RULES)
+    tx = optax.adamw(1e-3)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(as_flax_rules(rules)):
+        spec = make_state_spec(TINY, tx, mesh, rules, seed=0)
+        state = create_state(spec)
+    arrays = [x for x in jax.tree.leaves({"p": state["params"], "o": state["opt_state"]})]
+    total = sum(x.nbytes for x in arrays)
+    per_device = {d: 0 for d in mesh.devices.flat}
+    for x in arrays:
+        for shard in x.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    slack = 4096  # replicated scalars (Adam's count) and tiny vectors that do not split
+    assert max(per_device.values()) <= total / 8 + slack, (max(per_device.values()), total / 8)
+
+
+def test_params_are_created_on_their_shards_not_replicated():
+    mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    rules = load_rules(DEFAULT_RULES)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(as_flax_rules(rules)):
+        spec = make_state_spec(TINY, optax.adamw(1e-3), mesh, rules, seed=0)
+        state = create_state(spec)
+    embedding = [x for p, x in jax.tree_util.tree_flatten_with_path(state["params"])[0] if x.ndim == 2 and
+                 x.shape[0] == TINY.padded_vocab_size][0]
+    assert embedding.sharding.spec == P("tensor", "fsdp")
+    assert embedding.addressable_shards[0].data.shape == (TINY.padded_vocab_size // 2, 64 // 4)
+
+
+def test_first_rule_that_fits_wins():
+    rules = load_rules([["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["embed", "tensor"]])
+    assert logical_to_spec(("batch", "embed"), rules) == P(("data", "fsdp"), "tensor")
+    assert logical_to_spec(("embed",), rules) == P("fsdp")
+
+
+def test_rule_errors():
+    with pytest.raises(RulesError, match="unknown mesh axis `model`"):
+        load_rules([["embed", "model"]])
+    with pytest.raises(RulesError, match="conflict"):
+        load_rules([["embed", "fsdp"], ["embed", "fsdp"]])
+    with pytest.raises(RulesError, match="conflict"):
+        load_rules([["embed", ["fsdp", "fsdp"]]])
+    with pytest.raises(RulesError, match="conflict"):
+        load_rules([["embed", None], ["embed", "fsdp"]])
+    with pytest.raises(RulesError, match="no rule for logical axis `mlp`"):
+        logical_to_spec(("embed", "mlp"), load_rules([["embed", "fsdp"]]), what="parameter x")
+    with pytest.raises(RulesError, match="preset `nope` not found"):
+        load_rules("nope")
+
+
+def test_presets_load():
+    for name in ("default", "fsdp", "data_parallel"):
+        assert load_rules(name)
+
+
+def test_mesh_shape_fill_and_errors():
+    assert resolve_mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(MeshError, match=r"mesh\.data=3, mesh\.fsdp=1, mesh\.tensor=1"):
+        resolve_mesh_shape({"data": 3, "fsdp": 1, "tensor": 1}, 8)
+    with pytest.raises(MeshError, match=r"mesh\.fsdp"):
+        resolve_mesh_shape({"data": 3, "fsdp": -1, "tensor": 1}, 8)
+
+
+def test_vocab_padding_splits_over_any_mesh(tmp_path):
+    """A vocabulary of 50 on tensor=8... and an odd tensor size still shards evenly."""
+    from tests.conftest import read_metrics, tiny_config
+    from trainer.train import train
+
+    train(tiny_config(tmp_path, "mesh.fsdp=1", "mesh.tensor=8", "model.num_heads=8", "model.vocab_multiple=3",
+                      "model.vocab_size=50", "train.steps=2", "train.log_every=1", "checkpoint.save_final=false",
+                      "train.batch_size=8"), devices=jax.devices())
+    assert np.isfinite(read_metrics(tmp_path)[-1]["loss"])
