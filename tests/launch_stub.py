@@ -3,8 +3,10 @@
 Arguments (key=value, any order; unknown ones are ignored like trainer overrides would be used):
   fail_process=I     process I raises after start-up (exit code 1)
   exit_code=C        ... or exits with code C instead of raising
+  fail_delay=S       ... after S seconds
   sleep=S            sleep S seconds before finishing (to show the others get stopped)
   collective=1       initialise jax.distributed and check a cross-process psum and allgather
+  absent_process=I   with collective=1: process I never joins (sleeps 60 s) -> the others time out
   timeout=T          distributed.initialization_timeout
   on_sigterm=C       on SIGTERM print "stub got SIGTERM" and exit with code C (a checkpointing trainer)
   finish_on_restart=1  under Slurm, exit 0 at once when SLURM_RESTART_COUNT >= 1 (resumed job)
@@ -44,10 +46,16 @@ def main(argv=None) -> int:
             os._exit(code)
 
         signal.signal(signal.SIGTERM, handler)
+    if args.get("fail_process") == pid_env:
+        time.sleep(float(args.get("fail_delay", 0)))
     if args.get("fail_process") == pid_env and "exit_code" not in args:
         raise RuntimeError(f"injected failure in process {pid_env}")
     if args.get("fail_process") == pid_env:
         return int(args["exit_code"])
+    if args.get("collective") == "1" and args.get("absent_process") == pid_env:
+        print(f"stub pid={pid_env} stays away from the coordinator", flush=True)
+        time.sleep(60)
+        return 0
     if args.get("collective") == "1":
         from trainer.distributed import DistributedConfig, initialize
 

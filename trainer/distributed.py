@@ -55,7 +55,9 @@ _WATCHDOG_MARGIN_S = 5.0  # JAX's own timeout is set this much later than ours
 class DistributedConfig:
     """The `distributed:` config section."""
 
-    enabled: str = "auto"  # auto | on | off (auto: when a cluster or a coordinator is detected)
+    # auto | on | off (auto: when a cluster or a coordinator is detected). YAML reads a bare
+    # on/off as true/false, so booleans are accepted too.
+    enabled: str | bool = "auto"
     coordinator: str | None = None  # host:port of process 0's coordination service
     num_processes: int | None = None
     process_id: int | None = None
@@ -64,7 +66,7 @@ class DistributedConfig:
     initialization_timeout: int = 300  # seconds to wait for all processes to arrive
 
     def validate(self) -> None:
-        if self.enabled not in ENABLED_CHOICES:
+        if _enabled_word(self.enabled) not in ENABLED_CHOICES:
             raise ValueError(f"distributed.enabled: must be auto, on or off, got {self.enabled!r}")
         if self.coordinator is not None:
             _check_coordinator(self.coordinator, "distributed.coordinator")
@@ -85,6 +87,12 @@ class DistributedConfig:
         if self.initialization_timeout < 1:
             raise ValueError(
                 f"distributed.initialization_timeout: must be >= 1 second, got {self.initialization_timeout}")
+
+
+def _enabled_word(value: str | bool) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).strip().lower()
 
 
 def _check_coordinator(value: str, key: str) -> None:
@@ -248,10 +256,10 @@ def _on_cpu(cpu_devices: int | None) -> bool:
 
 def resolve(cfg: DistributedConfig, *, cpu_devices: int | None = None) -> Resolved:
     """Merges config, environment and cluster detection into what `initialize` will do."""
-    enabled = cfg.enabled
+    enabled = _enabled_word(cfg.enabled)
     name, value = _env("TRAINER_DISTRIBUTED")
     if name is not None:
-        enabled = value.lower()
+        enabled = {"true": "on", "1": "on", "false": "off", "0": "off"}.get(value.lower(), value.lower())
         if enabled not in ENABLED_CHOICES:
             raise ValueError(f"environment variable TRAINER_DISTRIBUTED: must be auto, on or off, got {value!r}")
 
