@@ -1,0 +1,300 @@
+"""The Grain pipeline: source -> shuffle -> shard -> repeat -> examples -> pack/pad -> batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import grain
+import numpy as np
+
+from trainer.data import sources as sources_lib
+from trainer.data.config import DataConfig
+from trainer.data.vocab import EOS_ID, Tokenizer
+
+FEATURES = ("inputs", "targets")
+BATCH_KEYS = ("inputs", "targets", "inputs_segment_ids", "targets_segment_ids",
+              "inputs_positions", "targets_positions")
+# Per-example bookkeeping carried through packing and batching so the counts are
+# right even when the transforms run in Grain worker processes.
+_META = ("_n_truncated", "_n_dropped")
+
+
+class _Examples:
+  """record -> {"inputs", "targets"} with eos appended, fitted to the lengths.
+
+  Overlong examples are truncated (eos kept) or marked for dropping; the marks
+  become counts in `_CountDropped`.
+  """
+
+  def __init__(self, make_example, inputs_length: int, targets_length: int, overlong: str):
+    self._make = make_example
+    self._lengths = {"inputs": inputs_length, "targets": targets_length}
+    self._drop = overlong == "drop"
+
+  def __call__(self, record, rng: np.random.Generator):
+    ex = self._make(record, rng)
+    out = {}
+    overlong = False
+    for k in FEATURES:
+      ids = np.asarray(ex[k], dtype=np.int32)
+      limit = self._lengths[k] - 1
+      if ids.shape[0] > limit:
+        overlong = True
+        ids = ids[:limit]
+      out[k] = np.concatenate([ids, np.array([EOS_ID], np.int32)])
+    out["_n_truncated"] = np.int32(overlong and not self._drop)
+    out["_n_dropped"] = np.int32(overlong and self._drop)
+    return out
+
+
+class _CountDropped(grain.IterDataset):
+  """Skips examples marked dropped and adds their count to the next kept example."""
+
+  def __init__(self, parent: grain.IterDataset):
+    super().__init__(parent)
+
+  def __iter__(self):
+    return _CountDroppedIterator(self._parent.__iter__())
+
+  def __str__(self):
+    return "_CountDropped"
+
+
+class _CountDroppedIterator(grain.DatasetIterator):
+
+  def __init__(self, parent):
+    super().__init__(parent)
+    self._pending = 0
+
+  def __next__(self):
+    while True:
+      ex = next(self._parent)
+      if ex["_n_dropped"]:
+        self._pending += 1
+        continue
+      ex = dict(ex)
+      ex["_n_dropped"] = np.int32(self._pending)
+      self._pending = 0
+      return ex
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "pending": self._pending}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._pending = int(state["pending"])
+
+
+def _sum_meta(packed: dict) -> dict:
+  """After packing (one row): the list of per-example counts -> their int32 sum."""
+  out = dict(packed)
+  for k in _META:
+    out[k] = np.int32(sum(int(v) for v in packed[k]))
+  return out
+
+
+class _Pad:
+  """Unpacked layout: one example per row, padded, segment id 1, positions 0..n-1."""
+
+  def __init__(self, inputs_length: int, targets_length: int):
+    self._lengths = {"inputs": inputs_length, "targets": targets_length}
+
+  def __call__(self, ex: dict) -> dict:
+    out = {k: ex[k] for k in _META}
+    for k in FEATURES:
+      n, length = ex[k].shape[0], self._lengths[k]
+      v = np.zeros(length, np.int32)
+      v[:n] = ex[k]
+      seg = np.zeros(length, np.int32)
+      seg[:n] = 1
+      pos = np.zeros(length, np.int32)
+      pos[:n] = np.arange(n, dtype=np.int32)
+      out[k], out[f"{k}_segment_ids"], out[f"{k}_positions"] = v, seg, pos
+    return out
+
+
+def _ensure_absl_flags_parsed():
+  # Grain's worker processes read absl flags; unparsed flags raise in the workers.
+  from absl import flags
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class Pipeline:
+  """Per-process batches as dicts of int32 numpy arrays [batch // process_count, length].
+
+  `train`: endless, reshuffled every epoch. `eval`: one pass over this process's
+  share of the held-out set; every process yields the same number of batches
+  (`num_batches`); missing rows are all zeros (segment id 0 = padding, weight 0).
+  """
+
+  def __init__(self, cfg: DataConfig, source: sources_lib.Source, *, split: str,
+               global_batch_size: int, seed: int, process_index: int, process_count: int):
+    if split not in ("train", "eval"):
+      raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if global_batch_size % process_count:
+      raise ValueError(f"train.batch_size={global_batch_size} is not divisible by the "
+                       f"{process_count} processes")
+    self.config = cfg
+    self.source = source
+    self.split = split
+    self.seed = seed
+    self.process_index, self.process_count = process_index, process_count
+    self.batch_size = global_batch_size // process_count
+    self.tokenizer: Tokenizer | None = source.tokenizer
+    self.vocab_size: int = source.vocab_size
+    self._lengths = {"inputs": cfg.inputs_length, "targets": cfg.targets_length}
+    self.packed = cfg.pack and split == "train"
+
+    records = source.records(split)
+    self.num_records = len(records)
+    if self.num_records == 0:
+      raise ValueError(f"data.source={cfg.source}: the {split} split is empty")
+    if split == "train" and self.num_records < process_count:
+      raise ValueError(f"data.source={cfg.source}: {self.num_records} train examples cannot be "
+                       f"sharded over {process_count} processes")
+    shard_max = math.ceil(self.num_records / process_count)
+    self.num_batches: int | None = (math.ceil(shard_max / self.batch_size)
+                                    if split == "eval" else None)
+    self._dataset = self._build(records)
+    self._reset_counters()
+    self._it = iter(self._dataset)
+    self._batches = 0
+
+  # ---------------------------------------------------------------- building
+  def _build(self, records: grain.MapDataset) -> grain.IterDataset:
+    cfg = self.config
+    ds = records
+    train = self.split == "train"
+    if train and cfg.shuffle:
+      ds = ds.shuffle(seed=self.seed)
+    # Disjoint, covering shards; with repeat, each epoch is a new global order and
+    # each process takes its slice of it.
+    ds = ds[self.process_index::self.process_count]
+    if train:
+      ds = ds.repeat()  # forever; reseeds the shuffle every epoch
+    ds = ds.random_map(
+        _Examples(self.source.make_example, cfg.inputs_length, cfg.targets_length, cfg.overlong),
+        seed=self.seed)
+    # Worker processes already run ahead of the trainer; in-process, a couple of
+    # threads overlap tokenization with the train step.
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg.workers else 2,
+                                              prefetch_buffer_size=0 if cfg.workers else 64))
+    it = _CountDropped(it)
+    if self.packed:
+      import grain.experimental as gx
+
+      it = gx.FirstFitPackIterDataset(
+          it, length_struct=dict(self._lengths), num_packing_bins=self.batch_size,
+          seed=self.seed, shuffle_bins=True, meta_features=_META)
+      it = it.map(_sum_meta)
+    else:
+      it = it.map(_Pad(cfg.inputs_length, cfg.targets_length))
+    if train:
+      it = it.batch(self.batch_size, drop_remainder=True)
+    else:
+      import functools
+
+      import grain.experimental as gx
+
+      it = it.batch(self.batch_size,
+                    batch_fn=functools.partial(gx.batch_and_pad, batch_size=self.batch_size))
+    if cfg.workers > 0:
+      _ensure_absl_flags_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=cfg.workers, per_worker_buffer_size=cfg.prefetch))
+    return it
+
+  def _zero_batch(self) -> dict[str, np.ndarray]:
+    b = {}
+    for k in FEATURES:
+      for suffix in ("", "_segment_ids", "_positions"):
+        b[k + suffix] = np.zeros((self.batch_size, self._lengths[k]), np.int32)
+    return b
+
+  # ---------------------------------------------------------------- iteration
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.num_batches is not None and self._batches >= self.num_batches:
+      raise StopIteration
+    try:
+      raw = next(self._it)
+    except StopIteration:
+      if self.num_batches is None:
+        raise
+      raw = self._zero_batch()
+    # Copy out of Grain's shared memory (workers) so nothing outlives the pipeline.
+    batch = {k: np.array(raw[k], dtype=np.int32, copy=True) for k in BATCH_KEYS}
+    for k in _META:
+      if k in raw:
+        self._counters[k[3:]] += int(np.sum(raw[k]))
+    self._batches += 1
+    self._count(batch)
+    return batch
+
+  def close(self) -> None:
+    """Stops Grain worker processes (if any). Call before dropping a pipeline with workers."""
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def reset(self) -> None:
+    """Starts over (one more pass for eval); counters restart too."""
+    self.close()
+    self._it = iter(self._dataset)
+    self._batches = 0
+    self._reset_counters()
+
+  # ---------------------------------------------------------------- state
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable; `set_state` on a pipeline built with the same config,
+    seed, batch size, process index/count and worker count continues exactly."""
+    return {"grain": self._it.get_state(), "batches": self._batches,
+            "counters": dict(self._counters)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._it.set_state(state["grain"])
+    self._batches = int(state.get("batches", 0))
+    self._counters.update({k: int(v) for k, v in state.get("counters", {}).items()})
+
+  # ---------------------------------------------------------------- stats
+  def _reset_counters(self):
+    self._counters = {"batches": 0, "examples": 0, "truncated": 0, "dropped": 0,
+                      "inputs_tokens": 0, "targets_tokens": 0, "inputs_slots": 0,
+                      "targets_slots": 0}
+
+  def _count(self, batch):
+    c = self._counters
+    c["batches"] += 1
+    seg = batch["targets_segment_ids"]
+    c["examples"] += int(seg.max(axis=1).sum())
+    for k in FEATURES:
+      c[f"{k}_tokens"] += int(np.count_nonzero(batch[f"{k}_segment_ids"]))
+      c[f"{k}_slots"] += batch[k].size
+
+  @property
+  def stats(self) -> dict[str, float | int]:
+    """Flat counters for logging (prefix them as you like, e.g. `data/`)."""
+    c = self._counters
+    out: dict[str, float | int] = {
+        "batches": c["batches"], "examples": c["examples"],
+        "truncated": c["truncated"], "dropped": c["dropped"],
+    }
+    for k in FEATURES:
+      out[f"{k}_tokens"] = c[f"{k}_tokens"]
+      out[f"{k}_efficiency"] = c[f"{k}_tokens"] / c[f"{k}_slots"] if c[f"{k}_slots"] else 0.0
+    slots = c["inputs_slots"] + c["targets_slots"]
+    out["packing_efficiency"] = (c["inputs_tokens"] + c["targets_tokens"]) / slots if slots else 0.0
+    out.update(self.source.stats)
+    return out
