@@ -28,7 +28,8 @@ class DataConfig:
   # Optional held-out files for tsv/jsonl (same syntax as `path`); when unset,
   # a deterministic `eval_fraction` of the lines/documents is held out.
   eval_path: str | None = None
-  eval_fraction: float = 0.05
+  eval_fraction: float = 0.1
+  eval_max_examples: int = 5000  # cap on held-out tsv/jsonl lines taken by eval_fraction
 
   # Tokenizer (not used by `synthetic`, which emits ids below model.vocab_size).
   tokenizer: str = "sentencepiece"  # sentencepiece | bytes
@@ -95,7 +96,7 @@ class DataConfig:
       v = getattr(self, f)
       if not isinstance(v, int) or isinstance(v, bool) or v < 0:
         err(f, f"must be an integer >= 0, got {v!r}")
-    for f in ("prefetch", "synthetic_min_length", "synthetic_max_length",
+    for f in ("prefetch", "eval_max_examples", "synthetic_min_length", "synthetic_max_length",
               "synthetic_train_examples", "synthetic_eval_examples"):
       v = getattr(self, f)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:

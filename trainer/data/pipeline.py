@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from typing import Any
 
 import grain
@@ -146,6 +148,14 @@ class Pipeline:
     self.batch_size = global_batch_size // process_count
     self.tokenizer: Tokenizer | None = source.tokenizer
     self.vocab_size: int = source.vocab_size
+    # The config as run: `tokenizer_path` filled in with the model actually used, so
+    # writing this into the run's config.yaml records (and pins) the tokenizer.
+    self.data_config = cfg
+    if self.tokenizer is not None and self.tokenizer.path and cfg.source != "arrayrecord":
+      self.data_config = dataclasses.replace(cfg, tokenizer_path=os.path.abspath(self.tokenizer.path))
+    if process_index == 0 and split == "train" and hasattr(source, "summary"):
+      for line in source.summary():
+        print(f"[data] {line}", file=sys.stderr, flush=True)
     self._lengths = {"inputs": cfg.inputs_length, "targets": cfg.targets_length}
     self.packed = cfg.pack and split == "train"
 

@@ -193,6 +193,9 @@ def write_once(path: str, data: bytes) -> str:
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".model")
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
