@@ -136,7 +136,7 @@ def prepare(cfg: DataConfig, out: str, *, workers: int = 2, records_per_shard: i
       for split, (index, rows) in source._rows.items():
         w = _ShardWriter(tmp, split, records_per_shard, len(rows))
         hist_i, hist_t = [], []
-        step = 2000
+        step = max(1, min(2000, -(-len(rows) // max(4 * workers, 1))))
         tasks = [rows[a:a + step] for a in range(0, len(rows), step)]
         ctx = multiprocessing.get_context("spawn")
         bar = tqdm(total=len(rows), desc=split, unit="rec", disable=not progress)
