@@ -199,3 +199,21 @@ def test_record_format_is_not_pickle():
   assert r[:4] == b"S2S1"
   i, t = decode_record(r)
   assert i.tolist() == [5, 6, 7] and t.tolist() == [9]
+
+
+def test_tsv_state_restore_with_workers(tmp_path):
+  """File records are read in Grain worker processes (fresh descriptors) and resume exactly."""
+  f = tmp_path / "w.tsv"
+  write_bad_tsv(f, n_good=80)
+  cfg = tsv_cfg(f, tmp_path, pack=True, workers=2, inputs_length=32, targets_length=32)
+  with build_pipeline(cfg, split="train", global_batch_size=4, seed=7, vocab_size=270) as p:
+    for _ in range(3):
+      next(p)
+    state = json.loads(json.dumps(p.get_state()))
+    expected = [next(p) for _ in range(3)]
+  with build_pipeline(cfg, split="train", global_batch_size=4, seed=7, vocab_size=270) as q:
+    q.set_state(state)
+    for e in expected:
+      got = next(q)
+      for k in e:
+        np.testing.assert_array_equal(got[k], e[k])

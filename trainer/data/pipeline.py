@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import math
+import weakref
 import os
 import sys
 from typing import Any
@@ -173,6 +175,10 @@ class Pipeline:
     self._reset_counters()
     self._it = iter(self._dataset)
     self._batches = 0
+    if cfg.workers > 0 and split == "train":
+      # Stop the workers before interpreter teardown (else Grain's finalizers print noise).
+      ref = weakref.ref(self)
+      atexit.register(lambda: ref() is not None and ref().close())
 
   # ---------------------------------------------------------------- building
   def _build(self, records: grain.MapDataset) -> grain.IterDataset:
@@ -191,8 +197,9 @@ class Pipeline:
         seed=self.seed)
     # Worker processes already run ahead of the trainer; in-process, a couple of
     # threads overlap tokenization with the train step.
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if cfg.workers else 2,
-                                              prefetch_buffer_size=0 if cfg.workers else 64))
+    in_workers = cfg.workers > 0 and train
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0 if in_workers else 2,
+                                              prefetch_buffer_size=0 if in_workers else 64))
     it = _CountDropped(it)
     if self.packed:
       import grain.experimental as gx
@@ -212,7 +219,7 @@ class Pipeline:
 
       it = it.batch(self.batch_size,
                     batch_fn=functools.partial(gx.batch_and_pad, batch_size=self.batch_size))
-    if cfg.workers > 0:
+    if cfg.workers > 0 and train:  # eval passes are short: in-process, no worker start-up
       _ensure_absl_flags_parsed()
       it = it.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=cfg.workers, per_worker_buffer_size=cfg.prefetch))

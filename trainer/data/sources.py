@@ -375,8 +375,11 @@ class _Lines:
       self._fds, self._pid = {}, os.getpid()
     f = int(self._fi[i])
     fd = self._fds.get(f)
-    if fd is None:
-      fd = self._fds[f] = os.open(self._files[f], os.O_RDONLY)
+    if fd is None:  # two reader threads may race here: keep one descriptor, close the other
+      mine = os.open(self._files[f], os.O_RDONLY)
+      fd = self._fds.setdefault(f, mine)
+      if fd != mine:
+        os.close(mine)
     return os.pread(fd, int(self._ln[i]), int(self._off[i]))
 
   def __del__(self):
@@ -589,4 +592,13 @@ def make_source(cfg: DataConfig, *, vocab_size: int | None, workdir: str | None)
 def get_tokenizer(cfg: DataConfig, workdir: str | None = None) -> Tokenizer | None:
   if cfg.source == "synthetic":
     return None
+  if cfg.source != "arrayrecord":
+    if cfg.tokenizer == "bytes":
+      return ByteTokenizer(cfg.num_sentinels)
+    if cfg.tokenizer_path and os.path.exists(cfg.tokenizer_path):  # as recorded in a run's config
+      tok = SentencePieceTokenizer.load(cfg.tokenizer_path, cfg.num_sentinels)
+      if tok.vocab_size != cfg.vocab_size:
+        raise ValueError(f"data.vocab_size={cfg.vocab_size} does not match the tokenizer "
+                         f"{cfg.tokenizer_path} ({tok.vocab_size})")
+      return tok
   return make_source(cfg, vocab_size=None, workdir=workdir).tokenizer
