@@ -217,3 +217,24 @@ def test_tsv_state_restore_with_workers(tmp_path):
       got = next(q)
       for k in e:
         np.testing.assert_array_equal(got[k], e[k])
+
+
+def test_corrupt_arrayrecord_record_is_skipped_and_counted(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  from trainer.data.sources import encode_record
+
+  w = ArrayRecordWriter(str(tmp_path / "eval-0.array_record"), "group_size:1")
+  for k in range(6):
+    w.write(b"garbage, not a record" if k == 2 else encode_record(np.arange(5, 9), np.arange(10, 10 + k + 1)))
+  w.close()
+  (tmp_path / "manifest.json").write_text(json.dumps({
+      "format": "seq2seq-arrayrecord-v1", "task": "pairs",
+      "tokenizer": {"kind": "bytes", "vocab_size": 270, "num_sentinels": 10},
+      "splits": {"train": {"records": 6, "shards": ["eval-0.array_record"]},
+                 "eval": {"records": 6, "shards": ["eval-0.array_record"]}}}))
+  cfg = DataConfig(source="arrayrecord", path=str(tmp_path), inputs_length=16, targets_length=16)
+  p = build_pipeline(cfg, split="eval", global_batch_size=8, seed=0, vocab_size=270)
+  (b,) = list(p)
+  assert int(b["inputs_segment_ids"].any(axis=1).sum()) == 5
+  assert p.stats["bad_records"] == 1

@@ -22,7 +22,7 @@ BATCH_KEYS = ("inputs", "targets", "inputs_segment_ids", "targets_segment_ids",
               "inputs_positions", "targets_positions")
 # Per-example bookkeeping carried through packing and batching so the counts are
 # right even when the transforms run in Grain worker processes.
-_META = ("_n_truncated", "_n_dropped")
+_META = ("_n_truncated", "_n_dropped", "_n_bad_records")
 
 
 class _Examples:
@@ -38,7 +38,11 @@ class _Examples:
     self._drop = overlong == "drop"
 
   def __call__(self, record, rng: np.random.Generator):
-    ex = self._make(record, rng)
+    try:
+      ex = self._make(record, rng)
+    except Exception:  # a corrupt record must not stop a run: skip it and count it
+      return {"inputs": np.zeros(1, np.int32), "targets": np.zeros(1, np.int32),
+              "_n_truncated": np.int32(0), "_n_dropped": np.int32(0), "_n_bad_records": np.int32(1)}
     out = {}
     overlong = False
     for k in FEATURES:
@@ -50,11 +54,12 @@ class _Examples:
       out[k] = np.concatenate([ids, np.array([EOS_ID], np.int32)])
     out["_n_truncated"] = np.int32(overlong and not self._drop)
     out["_n_dropped"] = np.int32(overlong and self._drop)
+    out["_n_bad_records"] = np.int32(0)
     return out
 
 
 class _CountDropped(grain.IterDataset):
-  """Skips examples marked dropped and adds their count to the next kept example."""
+  """Skips examples marked dropped (or bad) and adds their counts to the next kept example."""
 
   def __init__(self, parent: grain.IterDataset):
     super().__init__(parent)
@@ -70,25 +75,27 @@ class _CountDroppedIterator(grain.DatasetIterator):
 
   def __init__(self, parent):
     super().__init__(parent)
-    self._pending = 0
+    self._pending = {"_n_dropped": 0, "_n_bad_records": 0}
 
   def __next__(self):
     while True:
       ex = next(self._parent)
-      if ex["_n_dropped"]:
-        self._pending += 1
+      if ex["_n_dropped"] or ex["_n_bad_records"]:
+        for k in self._pending:
+          self._pending[k] += int(ex[k])
         continue
       ex = dict(ex)
-      ex["_n_dropped"] = np.int32(self._pending)
-      self._pending = 0
+      for k in self._pending:
+        ex[k] = np.int32(self._pending[k])
+        self._pending[k] = 0
       return ex
 
   def get_state(self):
-    return {"parent": self._parent.get_state(), "pending": self._pending}
+    return {"parent": self._parent.get_state(), "pending": dict(self._pending)}
 
   def set_state(self, state):
     self._parent.set_state(state["parent"])
-    self._pending = int(state["pending"])
+    self._pending = {k: int(v) for k, v in state["pending"].items()}
 
 
 def _sum_meta(packed: dict) -> dict:
@@ -287,7 +294,7 @@ class Pipeline:
 
   # ---------------------------------------------------------------- stats
   def _reset_counters(self):
-    self._counters = {"batches": 0, "examples": 0, "truncated": 0, "dropped": 0,
+    self._counters = {"batches": 0, "examples": 0, "truncated": 0, "dropped": 0, "bad_records": 0,
                       "inputs_tokens": 0, "targets_tokens": 0, "inputs_slots": 0,
                       "targets_slots": 0}
 
@@ -306,7 +313,7 @@ class Pipeline:
     c = self._counters
     out: dict[str, float | int] = {
         "batches": c["batches"], "examples": c["examples"],
-        "truncated": c["truncated"], "dropped": c["dropped"],
+        "truncated": c["truncated"], "dropped": c["dropped"], "bad_records": c["bad_records"],
     }
     for k in FEATURES:
       out[f"{k}_tokens"] = c[f"{k}_tokens"]
