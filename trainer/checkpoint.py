@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -62,7 +63,8 @@ class CheckpointManager:
     def save(self, step: int, state: TrainState, data_state: dict[str, Any] | None, *, force: bool = False) -> None:
         if step in self._manager.all_steps():
             return
-        data = {"process_count": jax.process_count(), "states": _gather_json(data_state)}
+        data = {"process_count": jax.process_count(), "states": _gather_json(data_state),
+                "fingerprint": fingerprint(state)}
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data),
@@ -83,18 +85,17 @@ class CheckpointManager:
         """
         for step in sorted(self._manager.all_steps(), reverse=True):
             path = os.path.join(self.directory, str(step))
-            try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_with_shardings(self.spec)),
-                    data=ocp.args.JsonRestore(),
-                ))
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                _warn(f"checkpoint {path} is damaged or incomplete ({type(e).__name__}: {_first_line(e)}); "
-                      f"trying the one before")
+            restored, problem = self._try_restore(step)
+            # Every process must take the same decision, whichever of them saw the damage.
+            if not _all_processes_agree(problem is None):
+                problem = problem or "another process could not restore it"
+            if problem:
+                _warn(f"checkpoint {path} is damaged or incomplete ({problem}); moved aside to "
+                      f"{path}.damaged, trying the one before")
+                self._set_aside(step)
                 continue
             _log(f"resuming from checkpoint step {step}: {path}")
-            data = restored["data"] or {}
-            data_state = None
+            data = restored["data"]
             if data.get("process_count") == jax.process_count():
                 data_state = data["states"][jax.process_index()]
             else:
@@ -107,23 +108,51 @@ class CheckpointManager:
             state = self._init_from(self.cfg.checkpoint.restore_from, state)
         return state, None
 
+    def _try_restore(self, step: int) -> tuple[Any, str | None]:
+        """Restores one step; returns (items, None) or (None, what is wrong with it)."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_with_shardings(self.spec)),
+                data=ocp.args.JsonRestore(),
+            ))
+        except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+            return None, f"{type(e).__name__}: {_first_line(e)}"
+        # A missing chunk file reads back as zeros without any error: compare checksums.
+        saved = (restored["data"] or {}).get("fingerprint")
+        if saved is None:
+            return None, "no fingerprint in its metadata"
+        if not np.allclose(fingerprint(restored["state"]), saved, rtol=1e-4, atol=1e-6):
+            return None, "its arrays do not match the checksums saved with them (missing or truncated data files)"
+        return restored, None
+
+    def _set_aside(self, step: int) -> None:
+        """Renames a damaged step folder so that a new save of that step can commit."""
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst = f"{src}.damaged"
+            n = 1
+            while os.path.exists(dst):
+                n += 1
+                dst = f"{src}.damaged{n}"
+            os.rename(src, dst)
+        multihost_utils.sync_global_devices(f"checkpoint-set-aside-{step}")
+        self._manager.reload()
+
     def _init_from(self, path: str, state: TrainState) -> TrainState:
         """Copies parameters (or the whole state) from another run's checkpoint."""
         directory, step = _resolve_checkpoint(path)
-        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as other:
+        options = ocp.CheckpointManagerOptions(read_only=True)
+        handlers = {"state": ocp.PyTreeCheckpointHandler()}
+        with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as other:
             meta = other.item_metadata(step)["state"]
             _check_shapes(meta["params"], state["params"], path)
-            if self.cfg.checkpoint.restore_params_only:
-                target = {"params": abstract_with_shardings(self.spec)["params"]}
-                restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                    partial_restore=True)))["state"]
-                _log(f"initialised parameters from {os.path.join(directory, str(step))}")
-                return {**state, "params": restored["params"]}
-            restored = other.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_with_shardings(self.spec))))["state"]
-            _log(f"initialised the whole train state from {os.path.join(directory, str(step))}")
-            return restored
+            wanted = ["params"] if self.cfg.checkpoint.restore_params_only else list(state)
+            target = {k: abstract_with_shardings(self.spec)[k] for k in wanted}
+            restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))["state"]
+        _log(f"initialised {' and '.join(wanted)} from {os.path.join(directory, str(step))}")
+        return {**state, **restored}
 
 
 def _first_line(e: BaseException) -> str:
@@ -147,11 +176,17 @@ def _resolve_checkpoint(path: str) -> tuple[str, int]:
     return path, max(steps)
 
 
+def _param_name(path: tuple) -> str:
+    """`decoder/layers/mlp/wi`, however the tree nodes (dicts, NNX variables) spell the path."""
+    parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return "/".join(p for p in parts if p not in ("value", "raw_value"))
+
+
 def _check_shapes(saved: Any, current: Any, source: str) -> None:
     """Errors naming the parameter and both shapes when the model shape changed."""
-    saved_flat = {jax.tree_util.keystr(p): tuple(getattr(v, "shape", ())) for p, v in
+    saved_flat = {_param_name(p): tuple(getattr(v, "shape", ())) for p, v in
                   jax.tree_util.tree_flatten_with_path(saved)[0]}
-    current_flat = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(current)[0]}
+    current_flat = {_param_name(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(current)[0]}
     for name, shape in current_flat.items():
         if name not in saved_flat:
             raise ConfigError(f"checkpoint.restore_from={source}: parameter {name} (shape {shape}) is not in the "
@@ -159,6 +194,24 @@ def _check_shapes(saved: Any, current: Any, source: str) -> None:
         if saved_flat[name] != shape:
             raise ConfigError(f"checkpoint.restore_from={source}: parameter {name} has shape {saved_flat[name]} "
                               f"in the checkpoint but {shape} in this model")
+
+
+@jax.jit
+def _sums(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.stack([jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32)))])
+                      for x in leaves])
+
+
+def fingerprint(state: TrainState) -> list[list[float]]:
+    """Sum and sum of squares of every array of the state (global values, same on all hosts)."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return np.asarray(jax.device_get(_sums(leaves)), np.float64).tolist()
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
 
 def _gather_json(value: Any) -> list[Any]:

@@ -51,7 +51,8 @@ class MetricsWriter:
         self._jsonl.flush()
         step, split = int(record["step"]), record["split"]
         for key, value in record.items():
-            if key in ("step", "split") or not isinstance(value, (int, float)) or isinstance(value, bool):
+            if key in ("step", "split") or not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not math.isfinite(value):
                 continue
             tag = TRAIN_SCALARS.get(key, f"train/{key}") if split == "train" else f"{split}/{key}"
             self._tb.add_scalar(tag, value, step)
@@ -89,8 +90,13 @@ class Console:
         if self.enabled:
             print(message, file=self.stream, flush=True)
 
-    def progress(self, step: int, loss: float, tokens_per_sec: float, mfu: float, step_time: float) -> None:
-        eta = (self.total - step) * step_time
+    def progress(self, step: int, loss: float, tokens_per_sec: float | None, mfu: float | None,
+                 step_time: float | None) -> None:
         width = len(str(self.total))
+        if step_time is None:  # nothing timed yet: the first step includes compilation
+            self.log(f"step {step:>{width}}/{self.total} | loss {loss:.4f} | (first step, includes compilation; "
+                     f"{format_duration(time.time() - self.start)} since start)")
+            return
+        eta = (self.total - step) * step_time
         self.log(f"step {step:>{width}}/{self.total} | loss {loss:.4f} | {tokens_per_sec:,.0f} tok/s | "
                  f"mfu {100 * mfu:.1f}% | {step_time * 1e3:.0f} ms/step | eta {format_duration(eta)}")

@@ -131,6 +131,15 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
             return {k: jax.make_array_from_process_local_data(
                 inputs_sharding, v, (cfg.train.batch_size,) + v.shape[1:]) for k, v in local.items()}
 
+        # Generation metrics on a fixed sample of eval examples (decode.eval_samples > 0).
+        gen_eval = None
+        if cfg.decode.eval_samples > 0 and cfg.train.eval_every:
+            from trainer.generate import GenerationEval, format_samples
+
+            gen_eval = GenerationEval(cfg, spec.graphdef, model_cfg, param_shardings=spec.param_shardings,
+                                      batch_sharding=inputs_sharding, to_global=to_global,
+                                      pipeline_args=pipeline_args, tokenizer=train_data.tokenizer)
+
         def run_eval(step: int) -> dict[str, float]:
             eval_data = build_pipeline(cfg.data, split="eval", **pipeline_args)
             sums = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
@@ -143,8 +152,14 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
             denom = max(sums["weight_sum"], 1.0)
             record = {"step": step, "split": "eval", "loss": sums["loss_sum"] / denom,
                       "accuracy": sums["correct_sum"] / denom, "tokens": sums["weight_sum"]}
+            if gen_eval is not None:  # eval/exact_match, eval/bleu, eval/chrf; samples as text
+                gen_metrics, samples = gen_eval(state["params"])
+                record.update(gen_metrics)
+                writer.text("eval/samples", format_samples(samples), step)
             writer.write(record)
-            console.log(f"eval at step {step}: loss {record['loss']:.4f} | accuracy {record['accuracy']:.4f}")
+            console.log(f"eval at step {step}: loss {record['loss']:.4f} | accuracy {record['accuracy']:.4f}"
+                        + (f" | exact match {record['exact_match']:.4f} | bleu {record['bleu']:.2f} | chrf "
+                           f"{record['chrf']:.2f}" if gen_eval is not None else ""))
             return record
 
         stop = ckpt.PreemptionWatch()
@@ -175,14 +190,15 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
                 skipped += 1
                 console.log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                step_time = timer.mean()
-                tps = tokens_per_step / step_time
+                step_time = timer.mean()  # None until a step has been timed (the first one compiles)
+                tps = tokens_per_step / step_time if step_time else None
                 record = {"step": step, "split": "train", "loss": float(host["loss"]),
                           "accuracy": float(host["accuracy"]), "learning_rate": float(host["learning_rate"]),
                           "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
-                          "per_device_tokens_per_sec": tps / mesh.devices.size,
-                          "per_device_tflops_per_sec": flops / step_time / mesh.devices.size / 1e12,
-                          "step_time_s": step_time, "mfu": flops / step_time / peak_total, "skipped_steps": skipped}
+                          "per_device_tokens_per_sec": tps and tps / mesh.devices.size,
+                          "per_device_tflops_per_sec": step_time and flops / step_time / mesh.devices.size / 1e12,
+                          "step_time_s": step_time, "mfu": step_time and flops / step_time / peak_total,
+                          "skipped_steps": skipped}
                 record.update(train_data.stats)
                 writer.write(record)
                 console.progress(step, record["loss"], tps, record["mfu"], step_time)
@@ -194,6 +210,7 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
             if save_now or preempted:
                 manager.save(step, state, data_state if data_state is not None else train_data.get_state(),
                              force=True)
+                timer.pause()  # the blocking part of an async save is not a train step
             if preempted:
                 manager.close()
                 writer.close()
@@ -227,7 +244,7 @@ class _StepTimer:
     def __init__(self):
         self._start: float | None = None
         self._steps = 0
-        self._last_mean = float("nan")
+        self._last_mean: float | None = None
 
     def tick(self, step: int) -> None:
         if self._start is None:  # the first step compiled: start timing after it
@@ -238,7 +255,7 @@ class _StepTimer:
     def pause(self) -> None:
         self._start, self._steps = time.perf_counter(), 0
 
-    def mean(self) -> float:
+    def mean(self) -> float | None:
         if self._steps:
             self._last_mean = (time.perf_counter() - self._start) / self._steps
         self._start, self._steps = time.perf_counter(), 0
