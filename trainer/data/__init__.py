@@ -1,11 +1,19 @@
 """The input pipeline (Grain): sources, tokenizers, span corruption, packing, sharding.
 
 Public API:
-  DataConfig                          the `data.*` config (config.py)
-  check_sources(cfg)                  early checks: paths exist, non-empty, not entirely bad
-  build_pipeline(cfg, *, split, ...)  -> Pipeline (per-process numpy batches, get/set_state)
-  load_tokenizer(cfg, workdir=None)   -> Tokenizer (encode/decode) or None for synthetic
-  PAD_ID, EOS_ID, UNK_ID, BOS_ID, NUM_RESERVED   reserved ids (documented in vocab.py)
+  DataConfig                          the `data.*` config (config.py; validate() names data.<field>)
+  check_sources(cfg)                  early checks: paths exist, files non-empty and not entirely bad
+  build_pipeline(cfg, *, split, global_batch_size, seed, process_index, process_count,
+                 vocab_size, workdir) -> Pipeline
+  Pipeline                            iterator of per-process batches {inputs, targets,
+                                      *_segment_ids, *_positions} int32 [B/P, length];
+                                      get_state()/set_state() (JSON), stats (flat dict),
+                                      vocab_size, tokenizer, data_config (tokenizer_path resolved),
+                                      num_batches (eval), reset(), close()
+  load_tokenizer(cfg, workdir=None)   Tokenizer (encode/decode) or None for synthetic
+  PAD_ID, EOS_ID, UNK_ID, BOS_ID, NUM_RESERVED   reserved ids (the table is in vocab.py)
+  trainer.data.bench.pipeline_batches_per_sec(cfg, global_batch_size, seed, n_batches)
+  python -m trainer.prepare           ArrayRecord shards + manifest (trainer/prepare.py)
 """
 
 from __future__ import annotations

@@ -146,6 +146,8 @@ class Pipeline:
                global_batch_size: int, seed: int, process_index: int, process_count: int):
     if split not in ("train", "eval"):
       raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
     if global_batch_size % process_count:
       raise ValueError(f"train.batch_size={global_batch_size} is not divisible by the "
                        f"{process_count} processes")
