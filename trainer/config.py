@@ -21,6 +21,7 @@ import yaml
 from model.config import ModelConfig
 from trainer.data.config import DataConfig
 from trainer.distributed import DistributedConfig
+from trainer.generate import DecodeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
@@ -110,6 +111,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +313,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     rc = cfg.runtime.cpu_devices
     _require(rc is None or rc >= 1, "runtime.cpu_devices", f"must be >= 1, got {rc}")
-    for section in (cfg.model, cfg.data, cfg.distributed):
+    for section in (cfg.model, cfg.data, cfg.distributed, cfg.decode):
         try:
             section.validate()
         except ValueError as e:
