@@ -1,0 +1,284 @@
+"""`python -m trainer.decode [CONFIG.yaml] workdir=RUN input=FILE|- [output=FILE] [key=value ...]`.
+
+Decodes text with a trained run: loads `RUN/config.yaml` (or CONFIG.yaml), the run's tokenizer
+and the parameters of its latest checkpoint (or `checkpoint_step=N`), reads one source per line
+and writes one output per line, in input order (to `output=FILE`, default stdout), in batches
+of `decode.batch_size` on the mesh. Search settings are `decode.*` overrides
+(`decode.beam_size=4`, `decode.max_length=64`, `decode.temperature=0.8 decode.top_p=0.9`, ...).
+
+Lines: an empty line gives an empty output line; a line that is not valid UTF-8 (or, for a
+synthetic-data run, not space-separated token ids) is reported on stderr with its line number
+and skipped, and an empty output line keeps the output aligned with the input. Sources longer
+than `data.inputs_length` tokens (EOS included) are truncated like in training. Newlines inside
+an output (a tokenizer can produce them) are written as the two characters `\\n`.
+
+Exit codes: 0 on success, 2 for a configuration problem or a workdir without checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, load_config, parse_overrides
+
+# Command-line keys of this command that are not config keys.
+_COMMAND_KEYS = ("input", "output", "checkpoint_step")
+
+
+@dataclasses.dataclass
+class Line:
+    """One input line: the text to decode, or why it is skipped (`error`)."""
+
+    number: int  # 1-based
+    text: str | None
+    error: str | None = None
+
+
+def read_lines(data: bytes) -> list[Line]:
+    """Splits raw input into lines (\\n or \\r\\n); a final newline does not start a new line."""
+    raw = data.split(b"\n")
+    if raw and raw[-1] == b"":
+        raw.pop()
+    lines = []
+    for i, chunk in enumerate(raw, start=1):
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+        try:
+            lines.append(Line(i, chunk.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            lines.append(Line(i, None, f"invalid UTF-8 at byte {e.start}"))
+    return lines
+
+
+def parse_args(argv: list[str]) -> tuple[Any, dict[str, Any]]:
+    """The run's config (RUN/config.yaml + overrides) and this command's own options."""
+    path, nested = parse_overrides(argv)
+    # This command's own keys, as written (YAML would read `input=-` as a list).
+    options: dict[str, Any] = {}
+    for arg in argv:
+        key, _, text = arg.partition("=")
+        if key in _COMMAND_KEYS:
+            options[key] = text
+            nested.pop(key, None)
+    if "input" not in options or options["input"] in (None, ""):
+        raise ConfigError("missing `input=FILE` (or `input=-` for stdin)")
+    workdir = nested.get("workdir")
+    if not workdir:
+        raise ConfigError("missing `workdir=RUN`: the training run whose checkpoint decodes")
+    if path is None:
+        path = Path(str(workdir)) / "config.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: is workdir={workdir} a training run? (or pass its CONFIG.yaml)")
+    if "checkpoint_step" in options:
+        step = options["checkpoint_step"]
+        if not step.isdigit():
+            raise ConfigError(f"checkpoint_step must be a step number, got {step!r}")
+        options["checkpoint_step"] = int(step)
+    config_args = [a for a in argv if "=" in a and a.partition("=")[0] not in _COMMAND_KEYS]
+    cfg = load_config(config_args, path=path)
+    return cfg, options
+
+
+def checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
+    """The run's checkpoint directory and its committed steps (newest last)."""
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        return directory, []
+    return directory, sorted(int(d) for d in os.listdir(directory)
+                             if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+def restore_params(directory: str, steps: list[int], wanted: int | None, target: Any) -> tuple[Any, int]:
+    """Restores only the parameters (no optimizer state) of `wanted` or the newest good step."""
+    import orbax.checkpoint as ocp
+
+    candidates = [wanted] if wanted is not None else sorted(steps, reverse=True)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    errors = []
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        for step in candidates:
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True)))["state"]
+                return restored, step
+            except Exception as e:  # noqa: BLE001 - damaged step: try the one before
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                errors.append(f"step {step}: {type(e).__name__}: {first}")
+                print(f"warning: checkpoint {os.path.join(directory, str(step))} could not be restored "
+                      f"({type(e).__name__}: {first})", file=sys.stderr)
+    raise ConfigError(f"no usable checkpoint in {directory}: " + "; ".join(errors))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, options = parse_args(argv)
+        directory, steps = checkpoint_steps(cfg.workdir)
+        if not steps:
+            raise ConfigError(f"no checkpoints in {directory}: train the run first (python -m trainer.train ... "
+                              f"workdir={cfg.workdir}) with checkpoint.every > 0 or checkpoint.save_final=true")
+        wanted = options.get("checkpoint_step")
+        if wanted is not None and wanted not in steps:
+            raise ConfigError(f"checkpoint_step={wanted}: no such checkpoint in {directory} "
+                              f"(steps: {', '.join(map(str, steps))})")
+        if options["input"] != "-" and not os.path.isfile(str(options["input"])):
+            raise ConfigError(f"input={options['input']}: file not found")
+        return decode(cfg, options, directory, steps)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def decode(cfg: Any, options: dict[str, Any], directory: str, steps: list[int]) -> int:
+    import jax
+
+    from trainer import distributed
+
+    if cfg.runtime.platform:
+        jax.config.update("jax_platforms", cfg.runtime.platform)
+    distributed.initialize(cfg.distributed, cpu_devices=cfg.runtime.cpu_devices)
+
+    import numpy as np
+    from flax import linen as nn
+
+    from sharding.mesh import MeshError, make_mesh
+    from sharding.rules import RulesError, as_flax_rules, axes_size, load_rules
+    from sharding.state import batch_sharding
+    from trainer.data import load_tokenizer
+    from trainer.generate import (ids_to_text, make_generate_fn, pack_sources, resolve_max_length,
+                                  text_to_ids, to_host)
+    from trainer.optim import make_optimizer
+    from trainer.state import abstract_with_shardings, make_state_spec
+
+    is_main = jax.process_index() == 0
+
+    def log(message: str) -> None:
+        if is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    try:
+        mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+        rules = load_rules(cfg.rules)
+    except (MeshError, RulesError) as e:
+        raise ConfigError(str(e)) from None
+    # The same vocabulary padding as training (trainer/train.py), so the parameter shapes match.
+    model_cfg = dataclasses.replace(cfg.model, vocab_multiple=math.lcm(cfg.model.vocab_multiple,
+                                                                       axes_size("vocab", rules, mesh)))
+    max_length = resolve_max_length(cfg.decode, cfg.data, model_cfg)
+    rows_multiple = axes_size("batch", rules, mesh) * jax.process_count()
+    batch_size = -(-cfg.decode.batch_size // rows_multiple) * rows_multiple
+    try:
+        tokenizer = load_tokenizer(cfg.data, cfg.workdir)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"cannot load the run's tokenizer: {e}") from None
+
+    # Input: read and tokenize everything first (bad lines are reported before any compile).
+    source = options["input"]
+    data = sys.stdin.buffer.read() if source == "-" else Path(str(source)).read_bytes()
+    lines = read_lines(data)
+    encoded: dict[int, np.ndarray] = {}
+    for i, line in enumerate(lines):
+        if line.error is None and line.text.strip():
+            try:
+                encoded[i] = text_to_ids(line.text, tokenizer, cfg.model.vocab_size)
+            except ValueError as e:
+                line.error = str(e)
+    for line in lines:
+        if line.error:
+            log(f"line {line.number}: {line.error}; skipped (an empty output line keeps the alignment)")
+    order = sorted(encoded, key=lambda i: len(encoded[i]))  # similar lengths together: earlier stops
+    rows, truncated = pack_sources([encoded[i] for i in order], cfg.data.inputs_length)
+    if truncated:
+        log(f"{truncated} source(s) longer than data.inputs_length={cfg.data.inputs_length} tokens were truncated")
+
+    outputs = [""] * len(lines)
+    flax_rules = as_flax_rules(rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules):
+        try:
+            spec = make_state_spec(model_cfg, make_optimizer(cfg.train)[0], mesh, rules, cfg.seed)
+        except RulesError as e:
+            raise ConfigError(str(e)) from None
+        target = {"params": abstract_with_shardings(spec)["params"]}
+        restored, step = restore_params(directory, steps, options.get("checkpoint_step"), target)
+        params = restored["params"]
+        log(f"decoding with checkpoint step {step} ({os.path.join(directory, str(step))}); {cfg.decode.mode}, "
+            f"max_length {max_length}, batch {batch_size} on mesh {dict(mesh.shape)}")
+        inputs_sharding = batch_sharding(mesh, rules)
+        generate = make_generate_fn(spec.graphdef, cfg.decode, max_length=max_length,
+                                    param_shardings=spec.param_shardings, batch_sharding=inputs_sharding)
+        num_batches = -(-len(order) // batch_size)
+        progress = _progress(num_batches, enabled=is_main and num_batches > 1)
+        generated_tokens = 0
+        start = None
+        for b in range(num_batches):
+            chunk = rows[b * batch_size:(b + 1) * batch_size]
+            full = np.zeros((batch_size, rows.shape[1]), np.int32)
+            full[: len(chunk)] = chunk
+            inputs = jax.make_array_from_callback(full.shape, inputs_sharding, lambda idx: full[idx])
+            # Sampling: a different key per batch, fixed by decode.seed.
+            tokens, _ = generate(params, inputs, cfg.decode.seed * 1_000_003 + b)
+            tokens = to_host(tokens)
+            if start is None:  # the first batch compiles: time from its end
+                start, timed_tokens = time.perf_counter(), 0
+            else:
+                timed_tokens += int(np.sum(_generated_lengths(tokens[: len(chunk)])))
+            generated_tokens += int(np.sum(_generated_lengths(tokens[: len(chunk)])))
+            for r in range(len(chunk)):
+                text = ids_to_text(tokens[r], tokenizer)
+                outputs[order[b * batch_size + r]] = text.replace("\r", "\\r").replace("\n", "\\n")
+            progress.update(1)
+        progress.close()
+        elapsed = time.perf_counter() - start if start is not None else 0.0
+        rate = f"; {timed_tokens / elapsed:,.0f} tokens/s after the first (compiling) batch" if (
+            num_batches > 1 and elapsed > 0) else ""
+        log(f"decoded {len(order)} line(s) into {generated_tokens} tokens in {num_batches} batch(es){rate}")
+
+    if is_main:
+        text = "".join(o + "\n" for o in outputs)
+        if options.get("output") in (None, "", "-"):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            out = str(options["output"])
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            tmp = f"{out}.tmp.{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, out)
+            log(f"wrote {len(outputs)} line(s) to {out}")
+    return 0
+
+
+def _generated_lengths(tokens: Any) -> Any:
+    """Tokens generated per row, EOS included (the whole row when there is no EOS)."""
+    import numpy as np
+
+    is_eos = tokens == 1
+    has = is_eos.any(axis=1)
+    return np.where(has, is_eos.argmax(axis=1) + 1, tokens.shape[1])
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, *, enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="batch", desc="decoding", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
