@@ -104,7 +104,9 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
             raise ConfigError(str(e)) from None
         if is_main:
             os.makedirs(cfg.workdir, exist_ok=True)
-            _write_atomic(os.path.join(cfg.workdir, "config.yaml"), dump_yaml(cfg))
+            # As run: with the tokenizer the pipeline resolved (trained or cached) filled in.
+            _write_atomic(os.path.join(cfg.workdir, "config.yaml"),
+                          dump_yaml(dataclasses.replace(cfg, data=train_data.data_config)))
         manager = ckpt.CheckpointManager(cfg, spec, mesh)
         state, data_state = manager.restore_or_init(create_state)
         _restore_data_state(train_data, data_state)
@@ -214,10 +216,12 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
             if preempted:
                 manager.close()
                 writer.close()
+                train_data.close()
                 console.log(f"preempted: saved a checkpoint at step {step} in {manager.directory}; exiting")
                 return last
         manager.close()
         writer.close()
+        train_data.close()
         console.log(f"done: {step} steps; outputs in {os.path.abspath(cfg.workdir)}")
         return last
 

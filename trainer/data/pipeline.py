@@ -134,6 +134,41 @@ def _ensure_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
+class _GlobalBatchRows(grain.MapDataset):
+  """Process `index`'s rows of each global batch of `rows * count` consecutive elements.
+
+  An epoch keeps the largest multiple of the global batch (the few left-over elements
+  of the shuffled order are dropped; the next epoch reshuffles), so every process sees
+  the same number of batches and no row is read by two processes.
+  """
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, rows: int):
+    super().__init__(parent)
+    self._parent_length = len(parent)
+    self._index, self._count, self._rows = index, count, rows
+    self._length = (self._parent_length // (rows * count)) * rows
+    if self._length == 0:
+      raise ValueError(f"{self._parent_length} train examples cannot fill one global batch of "
+                       f"{rows * count} (train.batch_size)")
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _parent_index(self, index: int) -> int:
+    epoch, offset = divmod(index, self._length)
+    block, row = divmod(offset, self._rows)
+    return (epoch * self._parent_length + block * self._rows * self._count
+            + self._index * self._rows + row)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._parent_index(index)]
+
+  def __str__(self) -> str:
+    return f"_GlobalBatchRows(process {self._index} of {self._count}, {self._rows} rows)"
+
+
 class Pipeline:
   """Per-process batches as dicts of int32 numpy arrays [batch // process_count, length].
 
@@ -196,9 +231,14 @@ class Pipeline:
     train = self.split == "train"
     if train and cfg.shuffle:
       ds = ds.shuffle(seed=self.seed)
-    # Disjoint, covering shards; with repeat, each epoch is a new global order and
-    # each process takes its slice of it.
-    ds = ds[self.process_index::self.process_count]
+    # Disjoint shards; with repeat, each epoch is a new global order and each process
+    # takes its slice of it. Train: process p takes rows [p*b, (p+1)*b) of every global
+    # batch, so unpacked global batches are the same rows in the same order whatever
+    # the number of processes (same losses, dropout masks included).
+    if train:
+      ds = _GlobalBatchRows(ds, self.process_index, self.process_count, self.batch_size)
+    else:
+      ds = ds[self.process_index::self.process_count]
     if train:
       ds = ds.repeat()  # forever; reseeds the shuffle every epoch
     ds = ds.random_map(
