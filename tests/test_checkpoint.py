@@ -245,3 +245,27 @@ def test_kill_9_during_async_save_resumes_from_previous_commit(tmp_path):
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert f"resuming from checkpoint step {last}" in relaunch.stdout
     assert not [p.name for p in ckpt_dir.iterdir() if "tmp" in p.name]  # interrupted saves cleaned up
+
+
+@pytest.mark.slow
+def test_export_writes_params_only_in_bfloat16(tmp_path):
+    import json
+
+    import jax.numpy as jnp
+
+    train(tiny_config(tmp_path / "run", *COMMON, "train.steps=5"), devices=jax.devices()[:1])
+    out = tmp_path / "exported"
+    proc = run_cli(["-m", "trainer.export", f"workdir={tmp_path / 'run'}", f"output={out}", "dtype=bfloat16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = json.loads((out / "model.json").read_text())
+    assert model["d_model"] == 32 and model["param_dtype"] == "bfloat16" and model["padded_vocab_size"] == 128
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(out / "params")
+    exported = _flat(params)
+    saved = {k[len("params/"):]: v for k, v in _saved_arrays(tmp_path / "run", 5).items() if k.startswith("params/")}
+    assert exported.keys() == saved.keys() and len(saved) > 10  # parameters only: no optimizer state
+    for key, value in saved.items():
+        assert exported[key].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(exported[key]), value.astype(jnp.bfloat16), err_msg=key)
+    again = run_cli(["-m", "trainer.export", f"workdir={tmp_path / 'run'}", f"output={out}"])
+    assert again.returncode == 2 and "already exists" in again.stderr

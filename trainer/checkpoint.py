@@ -141,18 +141,46 @@ class CheckpointManager:
     def _init_from(self, path: str, state: TrainState) -> TrainState:
         """Copies parameters (or the whole state) from another run's checkpoint."""
         directory, step = _resolve_checkpoint(path)
-        options = ocp.CheckpointManagerOptions(read_only=True)
-        handlers = {"state": ocp.PyTreeCheckpointHandler()}
-        with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as other:
-            meta = other.item_metadata(step)["state"]
-            _check_shapes(meta["params"], state["params"], path)
-            wanted = ["params"] if self.cfg.checkpoint.restore_params_only else list(state)
-            target = {k: abstract_with_shardings(self.spec)[k] for k in wanted}
-            restored = other.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True)))["state"]
+        with _read_only_manager(directory) as other:
+            _check_shapes(other.item_metadata(step)["state"]["params"], state["params"], path)
+        wanted = ["params"] if self.cfg.checkpoint.restore_params_only else list(state)
+        restored, _ = restore_items(directory, {k: abstract_with_shardings(self.spec)[k] for k in wanted}, step)
         _log(f"initialised {' and '.join(wanted)} from {os.path.join(directory, str(step))}")
         return {**state, **restored}
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                                 item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+
+
+def committed_steps(directory: str) -> list[int]:
+    """Committed step folders of a checkpoints directory, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+def restore_items(directory: str, target: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], int]:
+    """Restores some top-level entries of the `state` item (e.g. only `params`) onto `target`'s shardings.
+
+    Without `step`, the newest step that restores cleanly; a damaged one is reported and skipped.
+    """
+    steps = [step] if step is not None else sorted(committed_steps(directory), reverse=True)
+    if not steps:
+        raise ConfigError(f"no checkpoints in {directory}")
+    problems = []
+    with _read_only_manager(directory) as manager:
+        for candidate in steps:
+            try:
+                restored = manager.restore(candidate, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True)))["state"]
+                return restored, candidate
+            except Exception as e:  # noqa: BLE001 - damaged step: report it, try the one before
+                problems.append(f"step {candidate}: {type(e).__name__}: {_first_line(e)}")
+                _warn(f"checkpoint {os.path.join(directory, str(candidate))} could not be restored ({problems[-1]})")
+    raise ConfigError(f"no usable checkpoint in {directory}: " + "; ".join(problems))
 
 
 def _first_line(e: BaseException) -> str:
@@ -170,10 +198,10 @@ def _resolve_checkpoint(path: str) -> tuple[str, int]:
         return os.path.dirname(path), int(base)
     if not os.path.isdir(path):
         raise ConfigError(f"checkpoint.restore_from: {path} does not exist")
-    steps = [int(d) for d in os.listdir(path) if d.isdigit()]
+    steps = committed_steps(path)
     if not steps:
         raise ConfigError(f"checkpoint.restore_from: no checkpoints in {path}")
-    return path, max(steps)
+    return path, steps[-1]
 
 
 def _param_name(path: tuple) -> str:

@@ -1,0 +1,103 @@
+"""`python -m trainer.export workdir=RUN [output=DIR] [dtype=bfloat16] [checkpoint_step=N]`.
+
+Writes a run's parameters alone (no optimizer state), optionally cast to bfloat16, as a
+standalone Orbax checkpoint for inference, with the model config beside it:
+
+    DIR/params/       Orbax StandardCheckpointer directory (the `params` tree)
+    DIR/model.json    the model config (sizes, dtypes, padded vocabulary)
+    DIR/config.yaml   the run's resolved config
+
+The output folder must not exist yet: an export never overwrites anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer.config import ConfigError, dump_yaml, load_config
+
+_COMMAND_KEYS = ("output", "dtype", "checkpoint_step")
+
+
+def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
+    options = {}
+    rest = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in _COMMAND_KEYS:
+            options[key] = value
+        else:
+            rest.append(arg)
+    workdir = next((a.partition("=")[2] for a in rest if a.startswith("workdir=")), None)
+    if not workdir:
+        raise ConfigError("missing `workdir=RUN`: the training run to export")
+    config_path = Path(workdir) / "config.yaml"
+    if not any("=" not in a for a in rest) and not config_path.is_file():
+        raise ConfigError(f"{config_path} not found: is workdir={workdir} a training run?")
+    cfg = load_config(rest, path=None if any("=" not in a for a in rest) else config_path)
+    if options.get("dtype", "float32") not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype must be float32 or bfloat16, got {options['dtype']!r}")
+    if "checkpoint_step" in options and not options["checkpoint_step"].isdigit():
+        raise ConfigError(f"checkpoint_step must be a step number, got {options['checkpoint_step']!r}")
+    return cfg, options
+
+
+def export(cfg: Any, options: dict[str, str]) -> str:
+    """Restores the parameters onto this machine's devices and writes the export; returns its path."""
+    from trainer.setup import init_devices, logical_context, mesh_and_rules, sized_model_config
+
+    init_devices(cfg)
+
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from trainer.checkpoint import restore_items
+    from trainer.optim import make_optimizer
+    from trainer.state import abstract_with_shardings, make_state_spec
+
+    # The export only needs to hold the parameters: FSDP over whatever devices are here.
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=1))
+    mesh, rules = mesh_and_rules(cfg)
+    model_cfg = sized_model_config(cfg, mesh, rules)
+    directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
+    step = int(options["checkpoint_step"]) if "checkpoint_step" in options else None
+    with logical_context(mesh, rules):
+        spec = make_state_spec(model_cfg, make_optimizer(cfg.train)[0], mesh, rules, cfg.seed)
+        restored, step = restore_items(directory, {"params": abstract_with_shardings(spec)["params"]}, step)
+    dtype = jnp.dtype(options.get("dtype", "float32"))
+    params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                          restored["params"])
+
+    output = os.path.abspath(options.get("output") or os.path.join(cfg.workdir, "export", f"step_{step}"))
+    if os.path.exists(output):
+        raise ConfigError(f"output={output} already exists; choose another folder (nothing is overwritten)")
+    os.makedirs(output)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(output, "params"), params)
+    if jax.process_index() == 0:
+        model = {**dataclasses.asdict(cfg.model), "padded_vocab_size": model_cfg.padded_vocab_size,
+                 "param_dtype": str(dtype), "exported_from": os.path.join(directory, str(step))}
+        Path(output, "model.json").write_text(json.dumps(model, indent=2) + "\n")
+        Path(output, "config.yaml").write_text(dump_yaml(cfg))
+        print(f"exported the parameters of step {step} ({dtype}) to {output}", flush=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, options = parse_args(sys.argv[1:] if argv is None else argv)
+        export(cfg, options)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
