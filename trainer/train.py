@@ -68,7 +68,7 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
     except (MeshError, RulesError) as e:
         raise ConfigError(str(e)) from None
     batch_ways = axes_size("batch", rules, mesh)
-    _check_batch(cfg, batch_ways, jax.process_count())
+    check_batch(cfg, batch_ways, jax.process_count())
     console.log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices "
                 f"({jax.process_count()} process(es), {jax.local_device_count()} local)")
 
@@ -266,7 +266,7 @@ class _StepTimer:
         return self._last_mean
 
 
-def _check_batch(cfg: Config, batch_ways: int, process_count: int) -> None:
+def check_batch(cfg: Config, batch_ways: int, process_count: int) -> None:
     b, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
     if b % process_count:
         raise ConfigError(f"train.batch_size ({b}) must be divisible by the number of processes ({process_count})")

@@ -1,0 +1,153 @@
+"""`python -m trainer.bench [CONFIG.yaml] [key=value ...] [bench.steps=N]`: speed and memory.
+
+Measures, for the configured model, mesh and batch, on this machine:
+- compile time of the train step (ahead-of-time lower + compile);
+- step time, tokens/s, model TFLOP/s and MFU over `bench.steps` timed steps (after 2 warm-up
+  steps), the peak FLOP/s (published for GPU/TPU, measured by a jitted matmul on CPU);
+- memory per device: parameters + optimizer state actually held, and XLA's compiled-step
+  figures (arguments, temporaries);
+- the input pipeline alone: batches/s against the train steps/s it has to feed.
+
+Prints a table and one JSON line (`bench: {...}`) for scripts. Nothing is written to the
+workdir, and no checkpoint is read: the state is freshly initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from trainer.config import ConfigError, load_config
+
+_COMMAND_KEYS = ("bench.steps", "bench.pipeline_batches")
+
+
+def run(cfg: Any, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str, Any]:
+    from trainer.setup import init_devices, logical_context, mesh_and_rules, sized_model_config
+
+    init_devices(cfg)
+
+    import jax
+    import numpy as np
+
+    from sharding.rules import axes_size
+    from sharding.state import batch_sharding
+    from trainer.data import build_pipeline, check_sources
+    from trainer.data.bench import pipeline_batches_per_sec
+    from trainer.flops import model_flops_per_step, peak_flops_per_device
+    from trainer.optim import make_optimizer
+    from trainer.state import count_params, create_state, make_state_spec
+    from trainer.step import jit_train_step
+    from trainer.train import check_batch
+
+    mesh, rules = mesh_and_rules(cfg)
+    check_batch(cfg, axes_size("batch", rules, mesh), jax.process_count())
+    model_cfg = sized_model_config(cfg, mesh, rules)
+    try:
+        check_sources(cfg.data)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+    pipeline = build_pipeline(cfg.data, split="train", global_batch_size=cfg.train.batch_size, seed=cfg.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              vocab_size=cfg.model.vocab_size, workdir=cfg.workdir)
+    flops = model_flops_per_step(model_cfg, cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length)
+    peak, peak_source = peak_flops_per_device(model_cfg.dtype)
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    peak_total = peak * (jax.process_count() if on_cpu else mesh.devices.size)
+
+    tx, schedule = make_optimizer(cfg.train)
+    with logical_context(mesh, rules):
+        spec = make_state_spec(model_cfg, tx, mesh, rules, cfg.seed)
+        state = create_state(spec)
+        inputs_sharding = batch_sharding(mesh, rules)
+        step_fn = jit_train_step(spec.graphdef, tx, schedule, vocab_size=cfg.model.vocab_size,
+                                 label_smoothing=cfg.train.label_smoothing,
+                                 grad_accum_steps=cfg.train.grad_accum_steps, skip_nonfinite=False,
+                                 state_shardings=spec.shardings, batch_sharding=inputs_sharding)
+
+        def to_global(local):
+            return {k: jax.make_array_from_process_local_data(inputs_sharding, v, (cfg.train.batch_size,) + v.shape[1:])
+                    for k, v in local.items()}
+
+        batches = [to_global(next(pipeline)) for _ in range(2 + steps)]
+        scale = np.float32(1.0)
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batches[0], scale).compile()
+        compile_s = time.perf_counter() - t0
+        for batch in batches[:2]:
+            state, metrics = compiled(state, batch, scale)
+        jax.block_until_ready(metrics["loss"])
+        t0 = time.perf_counter()
+        for batch in batches[2:]:
+            state, metrics = compiled(state, batch, scale)
+        jax.block_until_ready(metrics["loss"])
+        step_s = (time.perf_counter() - t0) / steps
+
+    device0 = mesh.devices.flat[0]
+    held = sum(shard.data.nbytes for x in jax.tree.leaves({"p": state["params"], "o": state["opt_state"]})
+               for shard in x.addressable_shards if shard.device == device0)
+    memory = compiled.memory_analysis()
+    stats = device0.memory_stats() or {}
+    pipeline.close()
+    batches_per_s = pipeline_batches_per_sec(cfg.data, cfg.train.batch_size, cfg.seed, pipeline_batches,
+                                             vocab_size=cfg.model.vocab_size, process_count=jax.process_count())
+    tokens = cfg.train.batch_size * (cfg.data.inputs_length + cfg.data.targets_length)
+    return {
+        "device": device0.device_kind, "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
+        "params_m": count_params(state["params"]) / 1e6, "dtype": model_cfg.dtype,
+        "batch_size": cfg.train.batch_size, "lengths": [cfg.data.inputs_length, cfg.data.targets_length],
+        "compile_s": compile_s, "step_time_s": step_s, "steps_per_s": 1.0 / step_s,
+        "tokens_per_s": tokens / step_s, "per_device_tokens_per_s": tokens / step_s / mesh.devices.size,
+        "model_gflop_per_step": flops / 1e9, "model_tflops_per_s": flops / step_s / 1e12,
+        "peak_tflops": peak_total / 1e12, "peak_source": peak_source, "mfu": flops / step_s / peak_total,
+        "state_bytes_per_device": held,
+        "compiled_argument_bytes": getattr(memory, "argument_size_in_bytes", None),
+        "compiled_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
+        "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+        "pipeline_batches_per_s": batches_per_s,
+        "pipeline_over_train": batches_per_s * step_s,
+    }
+
+
+def _table(r: dict[str, Any]) -> str:
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    rows = [
+        ("device", f"{r['devices']} x {r['device']}, mesh {r['mesh']}"),
+        ("model", f"{r['params_m']:.2f}M params, {r['dtype']}, batch {r['batch_size']} x {r['lengths']}"),
+        ("compile", f"{r['compile_s']:.1f} s"),
+        ("step time", f"{r['step_time_s'] * 1e3:.1f} ms ({r['steps_per_s']:.2f} steps/s)"),
+        ("throughput", f"{r['tokens_per_s']:,.0f} tokens/s ({r['per_device_tokens_per_s']:,.0f} per device)"),
+        ("model FLOP/s", f"{r['model_tflops_per_s']:.3f} TFLOP/s of {r['peak_tflops']:.3f} peak ({r['peak_source']})"),
+        ("MFU", f"{100 * r['mfu']:.1f}%"),
+        ("state per device", mib(r["state_bytes_per_device"])),
+        ("compiled step", f"arguments {mib(r['compiled_argument_bytes'])}, temporaries {mib(r['compiled_temp_bytes'])}"),
+        ("peak in use", mib(r["peak_bytes_in_use"])),
+        ("input pipeline", f"{r['pipeline_batches_per_s']:.1f} batches/s = {r['pipeline_over_train']:.1f}x the "
+                           f"train step's need"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    options = {k: int(a.partition("=")[2]) for a in argv for k in _COMMAND_KEYS if a.startswith(k + "=")}
+    rest = [a for a in argv if a.partition("=")[0] not in _COMMAND_KEYS]
+    try:
+        result = run(load_config(rest), steps=options.get("bench.steps", 10),
+                     pipeline_batches=options.get("bench.pipeline_batches", 50))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    import jax
+
+    if jax.process_index() == 0:
+        print(_table(result))
+        print("bench: " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
