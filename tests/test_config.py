@@ -66,3 +66,20 @@ def test_default_config_loads_and_base_files_merge():
     cfg = load_config([])
     assert cfg.data.source == "embedded"
     assert cfg.model.vocab_size == cfg.data.vocab_size
+
+
+@pytest.mark.parametrize("name,low,high", [("t5_base", 200e6, 250e6), ("t5_large", 700e6, 800e6),
+                                           ("hardware/tpu_v5e_32", 200e6, 250e6),
+                                           ("hardware/gpu_2x8", 200e6, 250e6)])
+def test_hardware_presets_load_with_their_sizes(name, low, high):
+    import jax
+    from flax import nnx
+
+    from model import Transformer
+
+    cfg = load_config([str(CONFIGS / f"{name}.yaml")])
+    assert cfg.model.vocab_size == cfg.data.vocab_size
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert low <= count <= high, count

@@ -55,7 +55,7 @@ def model_flops_per_step(cfg: ModelConfig, batch: int, inputs_length: int, targe
     return 3.0 * batch * (encoder + decoder + logits)
 
 
-def measure_peak_flops(dtype: str = "float32", n: int = 1024, repeats: int = 10) -> float:
+def measure_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> float:
     """Peak FLOP/s of one device, measured with a jitted square matmul (used on CPU)."""
     device = jax.local_devices()[0]
     a = jax.device_put(jnp.ones((n, n), dtype), device)
