@@ -1,6 +1,5 @@
 """train -> checkpoint -> `python -m trainer.decode`, and generation metrics in eval."""
 
-import json
 
 import numpy as np
 import pytest

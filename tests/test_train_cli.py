@@ -1,7 +1,5 @@
 """`python -m trainer.train` end to end: workdir files, TensorBoard scalars, learning."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest

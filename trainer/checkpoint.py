@@ -8,7 +8,6 @@ shardings, so a checkpoint saved on one mesh restores onto any other.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal

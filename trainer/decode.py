@@ -18,13 +18,13 @@ Exit codes: 0 on success, 2 for a configuration problem or a workdir without che
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint import committed_steps
 from trainer.config import ConfigError, load_config, parse_overrides
 
 # Command-line keys of this command that are not config keys.
@@ -85,41 +85,12 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, Any]]:
     return cfg, options
 
 
-def checkpoint_steps(workdir: str) -> tuple[str, list[int]]:
-    """The run's checkpoint directory and its committed steps (newest last)."""
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
-        return directory, []
-    return directory, sorted(int(d) for d in os.listdir(directory)
-                             if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
-
-
-def restore_params(directory: str, steps: list[int], wanted: int | None, target: Any) -> tuple[Any, int]:
-    """Restores only the parameters (no optimizer state) of `wanted` or the newest good step."""
-    import orbax.checkpoint as ocp
-
-    candidates = [wanted] if wanted is not None else sorted(steps, reverse=True)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    errors = []
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        for step in candidates:
-            try:
-                restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                    item=target, restore_args=restore_args, partial_restore=True)))["state"]
-                return restored, step
-            except Exception as e:  # noqa: BLE001 - damaged step: try the one before
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                errors.append(f"step {step}: {type(e).__name__}: {first}")
-                print(f"warning: checkpoint {os.path.join(directory, str(step))} could not be restored "
-                      f"({type(e).__name__}: {first})", file=sys.stderr)
-    raise ConfigError(f"no usable checkpoint in {directory}: " + "; ".join(errors))
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, options = parse_args(argv)
-        directory, steps = checkpoint_steps(cfg.workdir)
+        directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
+        steps = committed_steps(directory)
         if not steps:
             raise ConfigError(f"no checkpoints in {directory}: train the run first (python -m trainer.train ... "
                               f"workdir={cfg.workdir}) with checkpoint.every > 0 or checkpoint.save_final=true")
@@ -136,20 +107,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def decode(cfg: Any, options: dict[str, Any], directory: str, steps: list[int]) -> int:
+    from trainer.setup import init_devices, logical_context, mesh_and_rules, sized_model_config
+
+    init_devices(cfg)
+
     import jax
-
-    from trainer import distributed
-
-    if cfg.runtime.platform:
-        jax.config.update("jax_platforms", cfg.runtime.platform)
-    distributed.initialize(cfg.distributed, cpu_devices=cfg.runtime.cpu_devices)
-
     import numpy as np
-    from flax import linen as nn
 
-    from sharding.mesh import MeshError, make_mesh
-    from sharding.rules import RulesError, as_flax_rules, axes_size, load_rules
+    from sharding.rules import RulesError, axes_size
     from sharding.state import batch_sharding
+    from trainer.checkpoint import restore_items
     from trainer.data import load_tokenizer
     from trainer.generate import (ids_to_text, make_generate_fn, pack_sources, resolve_max_length,
                                   text_to_ids, to_host)
@@ -162,14 +129,9 @@ def decode(cfg: Any, options: dict[str, Any], directory: str, steps: list[int]) 
         if is_main:
             print(message, file=sys.stderr, flush=True)
 
-    try:
-        mesh = make_mesh(dataclasses.asdict(cfg.mesh))
-        rules = load_rules(cfg.rules)
-    except (MeshError, RulesError) as e:
-        raise ConfigError(str(e)) from None
-    # The same vocabulary padding as training (trainer/train.py), so the parameter shapes match.
-    model_cfg = dataclasses.replace(cfg.model, vocab_multiple=math.lcm(cfg.model.vocab_multiple,
-                                                                       axes_size("vocab", rules, mesh)))
+    mesh, rules = mesh_and_rules(cfg)
+    # The same vocabulary padding as training, so the parameter shapes match.
+    model_cfg = sized_model_config(cfg, mesh, rules)
     max_length = resolve_max_length(cfg.decode, cfg.data, model_cfg)
     rows_multiple = axes_size("batch", rules, mesh) * jax.process_count()
     batch_size = -(-cfg.decode.batch_size // rows_multiple) * rows_multiple
@@ -198,14 +160,13 @@ def decode(cfg: Any, options: dict[str, Any], directory: str, steps: list[int]) 
         log(f"{truncated} source(s) longer than data.inputs_length={cfg.data.inputs_length} tokens were truncated")
 
     outputs = [""] * len(lines)
-    flax_rules = as_flax_rules(rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules):
+    with logical_context(mesh, rules):
         try:
             spec = make_state_spec(model_cfg, make_optimizer(cfg.train)[0], mesh, rules, cfg.seed)
         except RulesError as e:
             raise ConfigError(str(e)) from None
         target = {"params": abstract_with_shardings(spec)["params"]}
-        restored, step = restore_params(directory, steps, options.get("checkpoint_step"), target)
+        restored, step = restore_items(directory, target, options.get("checkpoint_step"))
         params = restored["params"]
         log(f"decoding with checkpoint step {step} ({os.path.join(directory, str(step))}); {cfg.decode.mode}, "
             f"max_length {max_length}, batch {batch_size} on mesh {dict(mesh.shape)}")

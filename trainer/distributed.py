@@ -382,7 +382,6 @@ def initialize(cfg: DistributedConfig, *, cpu_devices: int | None = None) -> Res
     if r.cpu_devices is not None:
         _set_cpu_devices(r.cpu_devices)
 
-    import jax
 
     if r.enabled:
         from jax._src import distributed as jax_distributed

@@ -7,7 +7,6 @@ Every check that can fail on user input runs before the first compile.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -36,19 +35,14 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
     `devices` restricts the mesh to some of the devices (tests compare meshes in one process).
     """
     # Devices first: simulated CPU devices and jax.distributed must be set before JAX starts.
+    from trainer.setup import init_devices, logical_context, mesh_and_rules, sized_model_config
+
+    init_devices(cfg)
+
     import jax
-
-    from trainer import distributed
-
-    if cfg.runtime.platform:
-        jax.config.update("jax_platforms", cfg.runtime.platform)
-    distributed.initialize(cfg.distributed, cpu_devices=cfg.runtime.cpu_devices)
-
     import numpy as np
-    from flax import linen as nn
 
-    from sharding.mesh import MeshError, make_mesh
-    from sharding.rules import RulesError, as_flax_rules, axes_size, load_rules
+    from sharding.rules import RulesError, axes_size
     from sharding.state import batch_sharding
     from trainer import checkpoint as ckpt
     from trainer.data import build_pipeline, check_sources
@@ -61,20 +55,12 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     console = Console(cfg.train.steps, enabled=is_main)
 
-    # Mesh and rules.
-    try:
-        mesh = make_mesh(dataclasses.asdict(cfg.mesh), devices)
-        rules = load_rules(cfg.rules)
-    except (MeshError, RulesError) as e:
-        raise ConfigError(str(e)) from None
-    batch_ways = axes_size("batch", rules, mesh)
-    check_batch(cfg, batch_ways, jax.process_count())
+    # Mesh and rules; the vocabulary padded so it splits over whatever `vocab` maps to.
+    mesh, rules = mesh_and_rules(cfg, devices)
+    check_batch(cfg, axes_size("batch", rules, mesh), jax.process_count())
     console.log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices "
                 f"({jax.process_count()} process(es), {jax.local_device_count()} local)")
-
-    # Model sizes: pad the vocabulary so it splits over whatever mesh axes `vocab` maps to.
-    vocab_ways = axes_size("vocab", rules, mesh)
-    model_cfg = dataclasses.replace(cfg.model, vocab_multiple=math.lcm(cfg.model.vocab_multiple, vocab_ways))
+    model_cfg = sized_model_config(cfg, mesh, rules)
 
     # Data: sources are checked before anything is compiled.
     try:
@@ -96,8 +82,7 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
 
     # State: shapes and shardings are resolved abstractly (errors name the parameter).
     tx, schedule = make_optimizer(cfg.train)
-    flax_rules = as_flax_rules(rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(flax_rules):
+    with logical_context(mesh, rules):
         try:
             spec = make_state_spec(model_cfg, tx, mesh, rules, cfg.seed)
         except RulesError as e:
