@@ -20,111 +20,136 @@ _MASK_VALUE = -1e10
 
 
 def make_attention_mask(query_valid: jax.Array, key_valid: jax.Array) -> jax.Array:
-  """Padding mask [batch, 1, q_len, kv_len] from per-position validity [batch, len]."""
-  return jnp.logical_and(query_valid[:, None, :, None].astype(bool),
-                         key_valid[:, None, None, :].astype(bool))
+    """Padding mask [batch, 1, q_len, kv_len] from per-position validity [batch, len]."""
+    return jnp.logical_and(query_valid[:, None, :, None].astype(bool), key_valid[:, None, None, :].astype(bool))
 
 
 def make_causal_mask(length: int, key_length: int | None = None, offset: int = 0) -> jax.Array:
-  """Causal mask [1, 1, length, key_length]: query i sees keys j <= i + offset.
+    """Causal mask [1, 1, length, key_length]: query i sees keys j <= i + offset.
 
-  `offset` lets an incremental decoder place a block of queries after cached keys.
-  """
-  key_length = length if key_length is None else key_length
-  q = jnp.arange(length)[:, None] + offset
-  k = jnp.arange(key_length)[None, :]
-  return (k <= q)[None, None]
+    `offset` lets an incremental decoder place a block of queries after cached keys.
+    """
+    key_length = length if key_length is None else key_length
+    q = jnp.arange(length)[:, None] + offset
+    k = jnp.arange(key_length)[None, :]
+    return (k <= q)[None, None]
 
 
 def make_segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
-  """Packed-example mask [batch, 1, q_len, kv_len]: same segment and neither is padding (id 0)."""
-  same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  valid = jnp.logical_and(q_segment_ids[:, :, None] != 0, kv_segment_ids[:, None, :] != 0)
-  return jnp.logical_and(same, valid)[:, None]
+    """Packed-example mask [batch, 1, q_len, kv_len]: same segment and neither is padding (id 0)."""
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    valid = jnp.logical_and(q_segment_ids[:, :, None] != 0, kv_segment_ids[:, None, :] != 0)
+    return jnp.logical_and(same, valid)[:, None]
 
 
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
-  """Logical and of the given masks (None entries ignored; None if all are None)."""
-  masks = [m for m in masks if m is not None]
-  if not masks:
-    return None
-  out = masks[0]
-  for m in masks[1:]:
-    out = jnp.logical_and(out, m)
-  return out
+    """Logical and of the given masks (None entries ignored; None if all are None)."""
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = jnp.logical_and(out, m)
+    return out
 
 
-def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array,
-                          mask: jax.Array | None = None, *, dropout_rate: float = 0.0,
-                          dropout_rng: jax.Array | None = None, deterministic: bool = True,
-                          dtype: jnp.dtype | None = None) -> jax.Array:
-  """Softmax(q k^T / sqrt(kv)) v over [batch, len, heads, kv] arrays.
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    deterministic: bool = True,
+    dtype: jnp.dtype | None = None,
+) -> jax.Array:
+    """Softmax(q k^T / sqrt(kv)) v over [batch, len, heads, kv] arrays.
 
-  The logits and the softmax are float32 whatever the compute dtype (bf16 softmax loses too much
-  precision); probabilities are cast back to `dtype` for the value product. Rows whose mask is
-  all False (padding queries) return zeros instead of NaN.
-  """
-  dtype = query.dtype if dtype is None else dtype
-  logits = jnp.einsum("bqhk,bthk->bhqt", query, key, preferred_element_type=jnp.float32)
-  logits = logits.astype(jnp.float32) * (1.0 / float(query.shape[-1]) ** 0.5)
-  if mask is not None:
-    logits = jnp.where(mask, logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1)
-  if mask is not None:
-    probs = jnp.where(mask, probs, 0.0)  # fully masked rows: uniform -> zeros
-  if not deterministic and dropout_rate > 0.0:
-    probs = dropout(probs, dropout_rate, dropout_rng, deterministic=False)
-  out = jnp.einsum("bhqt,bthk->bqhk", probs.astype(dtype), value.astype(dtype))
-  return out
+    The logits and the softmax are float32 whatever the compute dtype (bf16 softmax loses too much
+    precision); probabilities are cast back to `dtype` for the value product. Rows whose mask is
+    all False (padding queries) return zeros instead of NaN.
+    """
+    dtype = query.dtype if dtype is None else dtype
+    logits = jnp.einsum("bqhk,bthk->bhqt", query, key, preferred_element_type=jnp.float32)
+    logits = logits.astype(jnp.float32) * (1.0 / float(query.shape[-1]) ** 0.5)
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        probs = jnp.where(mask, probs, 0.0)  # fully masked rows: uniform -> zeros
+    if not deterministic and dropout_rate > 0.0:
+        probs = dropout(probs, dropout_rate, dropout_rng, deterministic=False)
+    out = jnp.einsum("bhqt,bthk->bqhk", probs.astype(dtype), value.astype(dtype))
+    return out
 
 
 class MultiHeadAttention(nnx.Module):
-  """Q/K/V/O projections (no biases, t5x style) around `dot_product_attention`.
+    """Q/K/V/O projections (no biases, t5x style) around `dot_product_attention`.
 
-  `project_query`, `project_key_value` and `attend` are separate so an incremental decoder
-  can cache the projected keys/values and call `attend` with the cache.
-  """
+    `project_query`, `project_key_value` and `attend` are separate so an incremental decoder
+    can cache the projected keys/values and call `attend` with the cache.
+    """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d, h, k = cfg.d_model, cfg.num_heads, cfg.kv_dim
-    pd = cfg.params_dtype
-    qkv_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                 in_axis=0, out_axis=(1, 2))
-    out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                 in_axis=(0, 1), out_axis=2)
-    names = (axes.EMBED, axes.HEADS, axes.KV)
-    self.query = axes.make_param(rngs, qkv_init, (d, h, k), names, pd)
-    self.key = axes.make_param(rngs, qkv_init, (d, h, k), names, pd)
-    self.value = axes.make_param(rngs, qkv_init, (d, h, k), names, pd)
-    self.out = axes.make_param(rngs, out_init, (h, k, d), (axes.HEADS, axes.KV, axes.EMBED), pd)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, k = cfg.d_model, cfg.num_heads, cfg.kv_dim
+        pd = cfg.params_dtype
+        qkv_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
+        out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        names = (axes.EMBED, axes.HEADS, axes.KV)
+        self.query = axes.make_param(rngs, qkv_init, (d, h, k), names, pd)
+        self.key = axes.make_param(rngs, qkv_init, (d, h, k), names, pd)
+        self.value = axes.make_param(rngs, qkv_init, (d, h, k), names, pd)
+        self.out = axes.make_param(rngs, out_init, (h, k, d), (axes.HEADS, axes.KV, axes.EMBED), pd)
 
-  def _project(self, x: jax.Array, kernel: nnx.Param) -> jax.Array:
-    dt = self.cfg.compute_dtype
-    y = jnp.einsum("bld,dhk->blhk", x.astype(dt), kernel[...].astype(dt))
-    return axes.constrain(y, axes.BLHK)
+    def _project(self, x: jax.Array, kernel: nnx.Param) -> jax.Array:
+        dt = self.cfg.compute_dtype
+        y = jnp.einsum("bld,dhk->blhk", x.astype(dt), kernel[...].astype(dt))
+        return axes.constrain(y, axes.BLHK)
 
-  def project_query(self, x: jax.Array) -> jax.Array:
-    return self._project(x, self.query)
+    def project_query(self, x: jax.Array) -> jax.Array:
+        return self._project(x, self.query)
 
-  def project_key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return self._project(x, self.key), self._project(x, self.value)
+    def project_key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self._project(x, self.key), self._project(x, self.value)
 
-  def attend(self, query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None,
-             *, deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Attention over already projected q/k/v, then the output projection."""
-    dt = self.cfg.compute_dtype
-    y = dot_product_attention(query, key, value, mask, dropout_rate=self.cfg.attention_dropout,
-                              dropout_rng=dropout_rng, deterministic=deterministic, dtype=dt)
-    y = axes.constrain(y, axes.BLHK)
-    out = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
-    return axes.constrain(out, axes.BLE)
+    def attend(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        mask: jax.Array | None,
+        *,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Attention over already projected q/k/v, then the output projection."""
+        dt = self.cfg.compute_dtype
+        y = dot_product_attention(
+            query,
+            key,
+            value,
+            mask,
+            dropout_rate=self.cfg.attention_dropout,
+            dropout_rng=dropout_rng,
+            deterministic=deterministic,
+            dtype=dt,
+        )
+        y = axes.constrain(y, axes.BLHK)
+        out = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
+        return axes.constrain(out, axes.BLE)
 
-  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, mask: jax.Array | None = None,
-               *, deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Self-attention when inputs_kv is inputs_q, cross-attention otherwise."""
-    q = self.project_query(inputs_q)
-    k, v = self.project_key_value(inputs_kv)
-    return self.attend(q, k, v, mask, deterministic=deterministic, dropout_rng=dropout_rng)
-
-
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array,
+        mask: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Self-attention when inputs_kv is inputs_q, cross-attention otherwise."""
+        q = self.project_query(inputs_q)
+        k, v = self.project_key_value(inputs_kv)
+        return self.attend(q, k, v, mask, deterministic=deterministic, dropout_rng=dropout_rng)

@@ -44,26 +44,27 @@ BLV = (ACT_BATCH, ACT_LENGTH, ACT_VOCAB)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint by logical names.
+    """Sharding constraint by logical names.
 
-  Resolved through the rules context the trainer sets (`nnx.logical_axis_rules`); a no-op
-  without a mesh in context, so the model also runs unsharded.
-  """
-  return linen.with_logical_constraint(x, tuple(names))
+    Resolved through the rules context the trainer sets (`nnx.logical_axis_rules`); a no-op
+    without a mesh in context, so the model also runs unsharded.
+    """
+    return linen.with_logical_constraint(x, tuple(names))
 
 
 Initializer = Callable[..., jax.Array]
 
 
-def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
-               names: Sequence[str], dtype: jnp.dtype) -> nnx.Param:
-  """Create a parameter tagged with its logical axis names.
+def make_param(
+    rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], names: Sequence[str], dtype: jnp.dtype
+) -> nnx.Param:
+    """Create a parameter tagged with its logical axis names.
 
-  `eager_sharding=False` keeps NNX from sharding at creation: the trainer creates the state
-  under jax.jit with out_shardings from its own resolver, and construction must work with no
-  mesh at all.
-  """
-  if len(names) != len(shape):
-    raise ValueError(f"parameter of shape {tuple(shape)} needs {len(shape)} axis names, got {names}")
-  value = init(rngs.params(), tuple(shape), dtype)
-  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+    `eager_sharding=False` keeps NNX from sharding at creation: the trainer creates the state
+    under jax.jit with out_shardings from its own resolver, and construction must work with no
+    mesh at all.
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"parameter of shape {tuple(shape)} needs {len(shape)} axis names, got {names}")
+    value = init(rngs.params(), tuple(shape), dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)

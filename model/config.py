@@ -21,85 +21,94 @@ REMAT_POLICIES = ("none", "full", "minimal", "dots")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Sizes and options of the encoder-decoder Transformer."""
+    """Sizes and options of the encoder-decoder Transformer."""
 
-  vocab_size: int = 32128  # real vocabulary size (tokenizer's)
-  vocab_multiple: int = 128  # embedding/logit rows padded up to a multiple of this
-  d_model: int = 512
-  num_heads: int = 8
-  head_dim: int | None = None  # None -> d_model // num_heads
-  mlp_dim: int = 2048
-  encoder_layers: int = 6
-  decoder_layers: int = 6
-  dropout: float = 0.1  # embedding + residual dropout
-  attention_dropout: float = 0.0
-  activation: str = "relu"  # relu | gelu | gated_gelu | swiglu
-  norm: str = "layernorm"  # layernorm | rmsnorm
-  norm_position: str = "pre"  # pre | post (post = original paper)
-  norm_eps: float = 1e-6
-  positions: str = "sinusoidal"  # sinusoidal | learned
-  max_length: int = 512  # size of the position table
-  share_embeddings: bool = True  # one token table for source and target
-  tie_output: bool = True  # logits through the (target) embedding table
-  dtype: str = "float32"  # compute dtype: float32 | bfloat16
-  param_dtype: str = "float32"
-  scan_layers: bool = False
-  remat: str = "none"  # none | full | minimal (save dots without batch dims) | dots
+    vocab_size: int = 32128  # real vocabulary size (tokenizer's)
+    vocab_multiple: int = 128  # embedding/logit rows padded up to a multiple of this
+    d_model: int = 512
+    num_heads: int = 8
+    head_dim: int | None = None  # None -> d_model // num_heads
+    mlp_dim: int = 2048
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    dropout: float = 0.1  # embedding + residual dropout
+    attention_dropout: float = 0.0
+    activation: str = "relu"  # relu | gelu | gated_gelu | swiglu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_position: str = "pre"  # pre | post (post = original paper)
+    norm_eps: float = 1e-6
+    positions: str = "sinusoidal"  # sinusoidal | learned
+    max_length: int = 512  # size of the position table
+    share_embeddings: bool = True  # one token table for source and target
+    tie_output: bool = True  # logits through the (target) embedding table
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"  # none | full | minimal (save dots without batch dims) | dots
 
-  @property
-  def padded_vocab_size(self) -> int:
-    """Rows of the embedding/logit tables: a multiple of `vocab_multiple` (tensor-shardable)."""
-    m = max(int(self.vocab_multiple), 1)
-    return -(-int(self.vocab_size) // m) * m
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding/logit tables: a multiple of `vocab_multiple` (tensor-shardable)."""
+        m = max(int(self.vocab_multiple), 1)
+        return -(-int(self.vocab_size) // m) * m
 
-  @property
-  def kv_dim(self) -> int:
-    """Per-head dimension (`head_dim`, or d_model // num_heads when unset)."""
-    return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+    @property
+    def kv_dim(self) -> int:
+        """Per-head dimension (`head_dim`, or d_model // num_heads when unset)."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
 
-  @property
-  def compute_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
 
-  @property
-  def params_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.param_dtype)
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
 
-  def validate(self) -> None:
-    """Raise ValueError naming `model.<field>` for any impossible value."""
+    def validate(self) -> None:
+        """Raise ValueError naming `model.<field>` for any impossible value."""
 
-    def fail(field: str, what: str) -> None:
-      raise ValueError(f"model.{field}: {what}")
+        def fail(field: str, what: str) -> None:
+            raise ValueError(f"model.{field}: {what}")
 
-    def check_int(field: str, minimum: int) -> None:
-      v = getattr(self, field)
-      if isinstance(v, bool) or not isinstance(v, int):
-        fail(field, f"must be an integer, got {v!r}")
-      if v < minimum:
-        fail(field, f"must be >= {minimum}, got {v}")
+        def check_int(field: str, minimum: int) -> None:
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int):
+                fail(field, f"must be an integer, got {v!r}")
+            if v < minimum:
+                fail(field, f"must be >= {minimum}, got {v}")
 
-    for field in ("vocab_size", "vocab_multiple", "d_model", "num_heads", "mlp_dim", "max_length"):
-      check_int(field, 1)
-    for field in ("encoder_layers", "decoder_layers"):
-      check_int(field, 1)
-    if self.head_dim is None:
-      if self.d_model % self.num_heads:
-        fail("num_heads", f"d_model={self.d_model} is not divisible by num_heads={self.num_heads} "
-             "(set model.head_dim explicitly or change the sizes)")
-    else:
-      check_int("head_dim", 1)
-    for field in ("dropout", "attention_dropout"):
-      v = getattr(self, field)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-        fail(field, f"must be a number in [0, 1), got {v!r}")
-    if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
-      fail("norm_eps", f"must be a positive number, got {self.norm_eps!r}")
-    for field, allowed in (("activation", ACTIVATIONS), ("norm", NORMS),
-                           ("norm_position", NORM_POSITIONS), ("positions", POSITIONS),
-                           ("dtype", DTYPES), ("param_dtype", DTYPES), ("remat", REMAT_POLICIES)):
-      v = getattr(self, field)
-      if v not in allowed:
-        fail(field, f"must be one of {', '.join(allowed)}; got {v!r}")
-    for field in ("share_embeddings", "tie_output", "scan_layers"):
-      if not isinstance(getattr(self, field), bool):
-        fail(field, f"must be true or false, got {getattr(self, field)!r}")
+        for field in ("vocab_size", "vocab_multiple", "d_model", "num_heads", "mlp_dim", "max_length"):
+            check_int(field, 1)
+        for field in ("encoder_layers", "decoder_layers"):
+            check_int(field, 1)
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                fail(
+                    "num_heads",
+                    f"d_model={self.d_model} is not divisible by num_heads={self.num_heads} "
+                    "(set model.head_dim explicitly or change the sizes)",
+                )
+        else:
+            check_int("head_dim", 1)
+        for field in ("dropout", "attention_dropout"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                fail(field, f"must be a number in [0, 1), got {v!r}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            fail("norm_eps", f"must be a positive number, got {self.norm_eps!r}")
+        for field, allowed in (
+            ("activation", ACTIVATIONS),
+            ("norm", NORMS),
+            ("norm_position", NORM_POSITIONS),
+            ("positions", POSITIONS),
+            ("dtype", DTYPES),
+            ("param_dtype", DTYPES),
+            ("remat", REMAT_POLICIES),
+        ):
+            v = getattr(self, field)
+            if v not in allowed:
+                fail(field, f"must be one of {', '.join(allowed)}; got {v!r}")
+        for field in ("share_embeddings", "tie_output", "scan_layers"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, f"must be true or false, got {getattr(self, field)!r}")

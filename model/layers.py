@@ -16,49 +16,49 @@ from model.config import ModelConfig
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None, *, deterministic: bool) -> jax.Array:
-  """Inverted dropout driven by an explicit key (the trainer owns the randomness).
+    """Inverted dropout driven by an explicit key (the trainer owns the randomness).
 
-  A pure function of (x, rng): the same key gives the same mask whatever the mesh.
-  """
-  if deterministic or rate == 0.0:
-    return x
-  if rng is None:
-    raise ValueError("dropout with deterministic=False needs a dropout_rng key")
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep, x.shape)
-  return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)
+    A pure function of (x, rng): the same key gives the same mask whatever the mesh.
+    """
+    if deterministic or rate == 0.0:
+        return x
+    if rng is None:
+        raise ValueError("dropout with deterministic=False needs a dropout_rng key")
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(rng, keep, x.shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x)).astype(x.dtype)
 
 
 def split_key(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
-  """n independent keys from `rng`, or n Nones when there is no key (deterministic runs)."""
-  if rng is None:
-    return [None] * n
-  return list(jax.random.split(rng, n))
+    """n independent keys from `rng`, or n Nones when there is no key (deterministic runs)."""
+    if rng is None:
+        return [None] * n
+    return list(jax.random.split(rng, n))
 
 
 class Norm(nnx.Module):
-  """LayerNorm (scale + bias) or RMSNorm (scale only), computed in float32."""
+    """LayerNorm (scale + bias) or RMSNorm (scale only), computed in float32."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.kind = cfg.norm
-    self.eps = cfg.norm_eps
-    self.dtype = cfg.compute_dtype
-    d, pd = cfg.d_model, cfg.params_dtype
-    self.scale = axes.make_param(rngs, nnx.initializers.ones, (d,), (axes.EMBED,), pd)
-    if cfg.norm == "layernorm":
-      self.bias = axes.make_param(rngs, nnx.initializers.zeros, (d,), (axes.EMBED,), pd)
-    else:
-      self.bias = None
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.dtype = cfg.compute_dtype
+        d, pd = cfg.d_model, cfg.params_dtype
+        self.scale = axes.make_param(rngs, nnx.initializers.ones, (d,), (axes.EMBED,), pd)
+        if cfg.norm == "layernorm":
+            self.bias = axes.make_param(rngs, nnx.initializers.zeros, (d,), (axes.EMBED,), pd)
+        else:
+            self.bias = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    if self.kind == "layernorm":
-      x = x - jnp.mean(x, axis=-1, keepdims=True)
-    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    y = y * self.scale[...].astype(jnp.float32)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(self.dtype)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 _ACTIVATIONS = {
@@ -70,98 +70,105 @@ _ACTIVATIONS = {
 
 
 class FeedForward(nnx.Module):
-  """Position-wise MLP; the gated variants (gated_gelu, swiglu) have two input kernels."""
+    """Position-wise MLP; the gated variants (gated_gelu, swiglu) have two input kernels."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.activation = cfg.activation
-    self.gated = cfg.activation in ("gated_gelu", "swiglu")
-    self.dtype = cfg.compute_dtype
-    d, m, pd = cfg.d_model, cfg.mlp_dim, cfg.params_dtype
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    self.wi = axes.make_param(rngs, init, (d, m), (axes.EMBED, axes.MLP), pd)
-    self.wi_gate = (axes.make_param(rngs, init, (d, m), (axes.EMBED, axes.MLP), pd)
-                    if self.gated else None)
-    self.wo = axes.make_param(rngs, init, (m, d), (axes.MLP, axes.EMBED), pd)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.activation = cfg.activation
+        self.gated = cfg.activation in ("gated_gelu", "swiglu")
+        self.dtype = cfg.compute_dtype
+        d, m, pd = cfg.d_model, cfg.mlp_dim, cfg.params_dtype
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.wi = axes.make_param(rngs, init, (d, m), (axes.EMBED, axes.MLP), pd)
+        self.wi_gate = axes.make_param(rngs, init, (d, m), (axes.EMBED, axes.MLP), pd) if self.gated else None
+        self.wo = axes.make_param(rngs, init, (m, d), (axes.MLP, axes.EMBED), pd)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dt = self.dtype
-    x = x.astype(dt)
-    h = jnp.einsum("bld,dm->blm", x, self.wi[...].astype(dt))
-    if self.gated:
-      gate = jnp.einsum("bld,dm->blm", x, self.wi_gate[...].astype(dt))
-      h = _ACTIVATIONS[self.activation](gate) * h
-    else:
-      h = _ACTIVATIONS[self.activation](h)
-    h = axes.constrain(h, axes.BLM)
-    out = jnp.einsum("blm,md->bld", h, self.wo[...].astype(dt))
-    return axes.constrain(out, axes.BLE)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        x = x.astype(dt)
+        h = jnp.einsum("bld,dm->blm", x, self.wi[...].astype(dt))
+        if self.gated:
+            gate = jnp.einsum("bld,dm->blm", x, self.wi_gate[...].astype(dt))
+            h = _ACTIVATIONS[self.activation](gate) * h
+        else:
+            h = _ACTIVATIONS[self.activation](h)
+        h = axes.constrain(h, axes.BLM)
+        out = jnp.einsum("blm,md->bld", h, self.wo[...].astype(dt))
+        return axes.constrain(out, axes.BLE)
 
 
 class Embed(nnx.Module):
-  """Token table [padded_vocab, embed]; `attend` gives tied logits.
+    """Token table [padded_vocab, embed]; `attend` gives tied logits.
 
-  Flax WMT style: table initialised N(0, 1), no input scaling, tied logits divided by
-  sqrt(d_model) so they start at unit scale.
-  """
+    Flax WMT style: table initialised N(0, 1), no input scaling, tied logits divided by
+    sqrt(d_model) so they start at unit scale.
+    """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.dtype = cfg.compute_dtype
-    self.embedding = axes.make_param(rngs, nnx.initializers.normal(1.0),
-                                     (cfg.padded_vocab_size, cfg.d_model),
-                                     (axes.VOCAB, axes.EMBED), cfg.params_dtype)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = cfg.compute_dtype
+        self.embedding = axes.make_param(
+            rngs,
+            nnx.initializers.normal(1.0),
+            (cfg.padded_vocab_size, cfg.d_model),
+            (axes.VOCAB, axes.EMBED),
+            cfg.params_dtype,
+        )
 
-  def __call__(self, ids: jax.Array) -> jax.Array:
-    x = jnp.take(self.embedding[...], ids, axis=0, mode="clip").astype(self.dtype)
-    return axes.constrain(x, axes.BLE)
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        x = jnp.take(self.embedding[...], ids, axis=0, mode="clip").astype(self.dtype)
+        return axes.constrain(x, axes.BLE)
 
-  def attend(self, x: jax.Array) -> jax.Array:
-    """Logits [batch, len, padded_vocab] through the transposed table, in float32."""
-    table = self.embedding[...].astype(self.dtype)
-    logits = jnp.einsum("bld,vd->blv", x.astype(self.dtype), table,
-                        preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32) / np.sqrt(x.shape[-1]).astype(np.float32)
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits [batch, len, padded_vocab] through the transposed table, in float32."""
+        table = self.embedding[...].astype(self.dtype)
+        logits = jnp.einsum("bld,vd->blv", x.astype(self.dtype), table, preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32) / np.sqrt(x.shape[-1]).astype(np.float32)
 
 
 class Logits(nnx.Module):
-  """Untied output projection [embed, padded_vocab] (tie_output=False)."""
+    """Untied output projection [embed, padded_vocab] (tie_output=False)."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.dtype = cfg.compute_dtype
-    init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    self.kernel = axes.make_param(rngs, init, (cfg.d_model, cfg.padded_vocab_size),
-                                  (axes.EMBED, axes.VOCAB), cfg.params_dtype)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = cfg.compute_dtype
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.kernel = axes.make_param(
+            rngs, init, (cfg.d_model, cfg.padded_vocab_size), (axes.EMBED, axes.VOCAB), cfg.params_dtype
+        )
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    logits = jnp.einsum("bld,dv->blv", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32)
+    def __call__(self, x: jax.Array) -> jax.Array:
+        logits = jnp.einsum(
+            "bld,dv->blv", x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        return logits.astype(jnp.float32)
 
 
-def sinusoidal_positions(positions: jax.Array, d_model: int,
-                         max_timescale: float = 10_000.0) -> jax.Array:
-  """Fixed sin/cos encoding [batch, len, d_model] of explicit integer positions.
+def sinusoidal_positions(positions: jax.Array, d_model: int, max_timescale: float = 10_000.0) -> jax.Array:
+    """Fixed sin/cos encoding [batch, len, d_model] of explicit integer positions.
 
-  Computed from the positions themselves (not gathered from a table), so packed examples
-  that restart at 0 get the same encoding as when alone. Layout: sin in the first half,
-  cos in the second (Flax WMT / tensor2tensor).
-  """
-  half = d_model // 2
-  inv = np.exp(-np.log(max_timescale) * np.arange(half) / max(half - 1, 1)).astype(np.float32)
-  angles = positions.astype(jnp.float32)[..., None] * inv
-  enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-  if d_model % 2:
-    enc = jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, 1)])
-  return enc
+    Computed from the positions themselves (not gathered from a table), so packed examples
+    that restart at 0 get the same encoding as when alone. Layout: sin in the first half,
+    cos in the second (Flax WMT / tensor2tensor).
+    """
+    half = d_model // 2
+    inv = np.exp(-np.log(max_timescale) * np.arange(half) / max(half - 1, 1)).astype(np.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv
+    enc = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+    if d_model % 2:
+        enc = jnp.pad(enc, [(0, 0)] * (enc.ndim - 1) + [(0, 1)])
+    return enc
 
 
 class LearnedPositions(nnx.Module):
-  """Trainable position table [max_length, embed] gathered by explicit positions."""
+    """Trainable position table [max_length, embed] gathered by explicit positions."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.dtype = cfg.compute_dtype
-    self.embedding = axes.make_param(rngs, nnx.initializers.normal(0.02),
-                                     (cfg.max_length, cfg.d_model), (axes.LENGTH, axes.EMBED),
-                                     cfg.params_dtype)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.dtype = cfg.compute_dtype
+        self.embedding = axes.make_param(
+            rngs,
+            nnx.initializers.normal(0.02),
+            (cfg.max_length, cfg.d_model),
+            (axes.LENGTH, axes.EMBED),
+            cfg.params_dtype,
+        )
 
-  def __call__(self, positions: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], positions, axis=0, mode="clip").astype(self.dtype)
+    def __call__(self, positions: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], positions, axis=0, mode="clip").astype(self.dtype)

@@ -23,40 +23,68 @@ from trainer.data.pipeline import BATCH_KEYS, Pipeline
 from trainer.data.vocab import BOS_ID, EOS_ID, NUM_RESERVED, PAD_ID, UNK_ID, Tokenizer
 from trainer.data import sources as _sources
 
-__all__ = ["DataConfig", "Pipeline", "Tokenizer", "BATCH_KEYS", "build_pipeline", "check_sources",
-           "load_tokenizer", "PAD_ID", "EOS_ID", "UNK_ID", "BOS_ID", "NUM_RESERVED"]
+__all__ = [
+    "DataConfig",
+    "Pipeline",
+    "Tokenizer",
+    "BATCH_KEYS",
+    "build_pipeline",
+    "check_sources",
+    "load_tokenizer",
+    "PAD_ID",
+    "EOS_ID",
+    "UNK_ID",
+    "BOS_ID",
+    "NUM_RESERVED",
+]
 
 
 def check_sources(cfg: DataConfig) -> None:
-  """Validates the config and the files it names; raises ValueError naming the key/path.
+    """Validates the config and the files it names; raises ValueError naming the key/path.
 
-  Cheap for synthetic/embedded; reads (and caches the index of) tsv/jsonl files once.
-  """
-  cfg.validate()
-  _sources.check(cfg)
+    Cheap for synthetic/embedded; reads (and caches the index of) tsv/jsonl files once.
+    """
+    cfg.validate()
+    _sources.check(cfg)
 
 
 def load_tokenizer(cfg: DataConfig, workdir: str | None = None) -> Tokenizer | None:
-  """The tokenizer the pipeline uses for `cfg` (trained and cached on first use)."""
-  cfg.validate()
-  return _sources.get_tokenizer(cfg, workdir)
+    """The tokenizer the pipeline uses for `cfg` (trained and cached on first use)."""
+    cfg.validate()
+    return _sources.get_tokenizer(cfg, workdir)
 
 
-def build_pipeline(cfg: DataConfig, *, split: str, global_batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1,
-                   vocab_size: int | None = None, workdir: str | None = None) -> Pipeline:
-  """Builds the `split` ("train" | "eval") pipeline for this process.
+def build_pipeline(
+    cfg: DataConfig,
+    *,
+    split: str,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    vocab_size: int | None = None,
+    workdir: str | None = None,
+) -> Pipeline:
+    """Builds the `split` ("train" | "eval") pipeline for this process.
 
-  `vocab_size` is the model's: synthetic data draws ids below it; for the other
-  sources it must equal the tokenizer's vocab size (ValueError naming both).
-  """
-  cfg.validate()
-  source = _sources.make_source(cfg, vocab_size=vocab_size, workdir=workdir)
-  if vocab_size is not None and source.vocab_size != vocab_size:
-    raise ValueError(
-        f"model.vocab_size={vocab_size} does not match the tokenizer's vocab size "
-        f"{source.vocab_size} (data.tokenizer={cfg.tokenizer}"
-        + (f", {source.tokenizer.path}" if source.tokenizer is not None and source.tokenizer.path else "")
-        + ")")
-  return Pipeline(cfg, source, split=split, global_batch_size=global_batch_size, seed=seed,
-                  process_index=process_index, process_count=process_count)
+    `vocab_size` is the model's: synthetic data draws ids below it; for the other
+    sources it must equal the tokenizer's vocab size (ValueError naming both).
+    """
+    cfg.validate()
+    source = _sources.make_source(cfg, vocab_size=vocab_size, workdir=workdir)
+    if vocab_size is not None and source.vocab_size != vocab_size:
+        raise ValueError(
+            f"model.vocab_size={vocab_size} does not match the tokenizer's vocab size "
+            f"{source.vocab_size} (data.tokenizer={cfg.tokenizer}"
+            + (f", {source.tokenizer.path}" if source.tokenizer is not None and source.tokenizer.path else "")
+            + ")"
+        )
+    return Pipeline(
+        cfg,
+        source,
+        split=split,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
