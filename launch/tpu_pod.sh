@@ -36,7 +36,7 @@
 # The workdir must be shared by all workers (GCS-FUSE / Filestore mount): checkpoints are written
 # collectively and metrics by process 0. jax.distributed.initialize() auto-detects the slice
 # (worker id and coordinator from the TPU metadata); for multi-slice, the TPU runtime of a
-# queued resource sets the MEGASCALE_* variables itself, see launch/README.md.
+# queued resource sets the MEGASCALE_* variables itself, see the README (Multi-host training).
 
 set -euo pipefail
 
