@@ -176,7 +176,11 @@ do_train() {
         remote "${NODES[0]}" "$cmd"
         return
     fi
-    # Multi-slice: every slice must run at once.
+    # Multi-slice: every slice must run at once (a dry run prints them in slice order).
+    if [ "$DRY" = 1 ]; then
+        for node in "${NODES[@]}"; do remote "$node" "$cmd"; done
+        return
+    fi
     for node in "${NODES[@]}"; do remote "$node" "$cmd" & pids+=($!); done
     for p in "${pids[@]}"; do wait "$p" || rc=$?; done
     return "$rc"
