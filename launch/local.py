@@ -213,6 +213,9 @@ class Launcher:
         if self.interrupted_by is not None:
             self.say(f"interrupted by {signal.Signals(self.interrupted_by).name}; exit codes: "
                      f"{', '.join(f'p{j}={c}' for j, c in enumerate(codes))}")
+            # SIGTERM is a preemption notice: processes that saved and exited 0 make a clean stop.
+            if self.interrupted_by == signal.SIGTERM and all(c == 0 for c in codes):
+                return 0
             return 128 + self.interrupted_by
         self.say(f"all {len(codes)} processes finished successfully")
         return 0

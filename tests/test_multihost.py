@@ -74,3 +74,39 @@ def test_each_example_is_consumed_once_per_epoch_across_two_processes(tmp_path):
     assert not set(p0) & set(p1)
     assert sorted(p0 + p1) == sorted(rows(0, 1))  # the same epoch a single process sees
     assert len(set(p0 + p1)) == 64
+
+
+@pytest.mark.slow
+def test_sigterm_to_two_processes_saves_at_one_agreed_step(tmp_path):
+    """SIGTERM (as Slurm or a TPU maintenance event sends it) reaches both processes; they agree on
+    a step through JAX's preemption sync point, save there together and exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "launch.local", "--processes", "2", "--devices-per-process", "1",
+                             "--", str(CONFIGS / "tiny.yaml"), f"workdir={tmp_path}", "train.steps=100000",
+                             "train.log_every=1", "checkpoint.every=0", "mesh.fsdp=2"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and saved[0] >= 3, out[-4000:]
+    assert f"preempted: saved a checkpoint at step {saved[0]}" in out
+    assert "p0=0, p1=0" in out  # both processes exited cleanly
