@@ -96,8 +96,6 @@ def _losses(workdir):
 
 @pytest.mark.slow
 def test_trains_tiny_config_like_one_process(cluster, tmp_path):
-    if not (ROOT / "trainer" / "train.py").exists():
-        pytest.skip("trainer/train.py does not exist yet")
     args = ["configs/tiny.yaml", "train.steps=4", "train.log_every=1", "checkpoint.every=2"]
     t0 = time.monotonic()
     # Reference: one process with 2 devices (same mesh as 2 tasks x 1 device), run meanwhile.
