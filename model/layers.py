@@ -114,7 +114,11 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        x = jnp.take(self.embedding[...], ids, axis=0, mode="clip").astype(self.dtype)
+        # Gather from the whole table (all-gathered like any FSDP weight): a lookup into a table
+        # split over vocab and embed with batch-split ids makes XLA rematerialise it anyway,
+        # with a warning, and reshard the result.
+        table = axes.constrain(self.embedding[...], (None, None))
+        x = jnp.take(table, ids, axis=0, mode="clip").astype(self.dtype)
         return axes.constrain(x, axes.BLE)
 
     def attend(self, x: jax.Array) -> jax.Array:
