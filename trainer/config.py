@@ -171,14 +171,13 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _check_value(key, value, arg)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue
         raise ConfigError(f"config key `{key}` expects {_type_name(tp)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
@@ -268,16 +267,11 @@ def load_config(args: list[str] | None = None, *, path: str | os.PathLike | None
     raw = _read_yaml(config_path)
     cfg = _build(Config, raw, "", f" in {config_path}")
     if overrides:
-        merged = _deep_merge_into(to_dict(cfg), overrides)
+        merged = to_dict(cfg)
+        _deep_merge(merged, overrides)  # rebuilt from the merged dict, so unknown override keys are reported
         cfg = _build(Config, merged, "", " (command-line override)")
     validate(cfg)
     return cfg
-
-
-def _deep_merge_into(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    # Unknown override keys must still be reported, so merge into the plain dict and rebuild.
-    _deep_merge(base, overrides)
-    return base
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
