@@ -20,6 +20,7 @@ binary format (trainer.data.sources.encode_record), never pickles.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -152,19 +153,16 @@ def prepare(
                 tasks = [rows[a : a + step] for a in range(0, len(rows), step)]
                 ctx = multiprocessing.get_context("spawn")
                 bar = tqdm(total=len(rows), desc=split, unit="rec", disable=not progress)
-                if workers > 0 and len(tasks) > 1:
-                    with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg.source, keys, tok, index)) as pool:
-                        for recs in pool.imap(_encode_rows, tasks):
-                            for r in recs:
-                                w.write(r)
-                                i, t = S.decode_record(r)
-                                hist_i.append(len(i))
-                                hist_t.append(len(t))
-                            bar.update(len(recs))
-                else:
-                    _init_worker(cfg.source, keys, tok, index)
-                    for task in tasks:
-                        recs = _encode_rows(task)
+                with contextlib.ExitStack() as stack:
+                    if workers > 0 and len(tasks) > 1:
+                        pool = stack.enter_context(
+                            ctx.Pool(workers, initializer=_init_worker, initargs=(cfg.source, keys, tok, index))
+                        )
+                        batches = pool.imap(_encode_rows, tasks)
+                    else:
+                        _init_worker(cfg.source, keys, tok, index)
+                        batches = map(_encode_rows, tasks)
+                    for recs in batches:
                         for r in recs:
                             w.write(r)
                             i, t = S.decode_record(r)
