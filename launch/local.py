@@ -13,7 +13,14 @@
 - prefixes every line of a process's output (stdout and stderr) with `[pI] `;
 - if a process fails, stops the others (SIGTERM, then SIGKILL after --grace seconds) and exits
   with the failing process's exit code (128+signal when it was killed by a signal), naming it;
-- forwards SIGINT / SIGTERM to the processes (a second Ctrl-C kills them at once).
+- forwards SIGINT / SIGTERM to the processes (a second Ctrl-C kills them at once);
+- leaves no orphans: when the launcher itself dies (even by SIGKILL) the kernel sends each
+  process SIGTERM (PR_SET_PDEATHSIG), so trainers save at an agreed step as after a preemption
+  notice; a trainer still running --grace seconds later exits on its own (code 6, see
+  trainer.lifecycle: TRAINER_LAUNCHER_PID / TRAINER_LAUNCHER_GRACE tell it whom to watch).
+
+A mistake in the launcher's options, or (for the trainer's modules) in the trainer's config, is
+one line on stderr and exit code 2 before any process starts.
 """
 
 from __future__ import annotations
@@ -36,13 +43,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit code 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     if "--" in argv:
         i = argv.index("--")
         own, rest = argv[:i], argv[i + 1:]
     else:
         own, rest = argv, []
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog="python -m launch.local",
         description="Start N processes of a multi-process JAX job on this machine.",
         epilog="Everything after `--` is passed to each process (trainer config and overrides).")
@@ -64,8 +78,50 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--processes must be >= 1")
     if args.devices_per_process < 1:
         p.error("--devices-per-process must be >= 1")
+    if not args.grace >= 0 or args.grace == float("inf"):
+        p.error(f"--grace must be a finite number of seconds >= 0, got {args.grace}")
+    if args.port is not None and not 0 < args.port < 65536:
+        p.error(f"--port must be in 1..65535, got {args.port}")
+    if args.init_timeout is not None and args.init_timeout < 1:
+        p.error(f"--init-timeout must be >= 1 second, got {args.init_timeout}")
+    if not args.platform.strip():
+        p.error("--platform must name a JAX platform (cpu, gpu, tpu) or be 'keep'")
+    try:
+        import importlib.util
+
+        found = importlib.util.find_spec(args.module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        p.error(f"--module {args.module}: no such module")
     args.rest = rest
     return args
+
+
+def check_trainer_args(args: argparse.Namespace) -> None:
+    """The trainer's own config errors, found once here instead of once per process (ConfigError)."""
+    if args.module not in TRAINER_MODULES:
+        return
+    coordinator = f"127.0.0.1:{args.port or 1}"
+    argv = child_cmd(args, 0, coordinator)[4:]  # the arguments process 0 gets
+    if args.module == "trainer.decode":
+        from trainer.decode import check_paths, parse_args as decode_args
+
+        _, options = decode_args(argv)
+        check_paths(options)
+        return
+    from trainer.config import load_config
+
+    if args.module == "trainer.bench":
+        from trainer.bench import _COMMAND_KEYS, parse_options
+
+        parse_options(argv)
+        argv = [a for a in argv if a.partition("=")[0] not in _COMMAND_KEYS]
+    cfg = load_config(argv)
+    if args.module == "trainer.train":
+        from trainer.setup import check_workdir
+
+        check_workdir(cfg.workdir)
 
 
 def child_env(args: argparse.Namespace, i: int, coordinator: str) -> dict[str, str]:
@@ -78,6 +134,9 @@ def child_env(args: argparse.Namespace, i: int, coordinator: str) -> dict[str, s
         "TRAINER_CPU_DEVICES": str(args.devices_per_process),
         "JAX_COORDINATOR_BIND_ADDRESS": coordinator,  # loopback only
         "PYTHONUNBUFFERED": "1",
+        # The trainers watch us: if we die they save and exit within --grace seconds (no orphans).
+        "TRAINER_LAUNCHER_PID": str(os.getpid()),
+        "TRAINER_LAUNCHER_GRACE": f"{args.grace:g}",
     })
     if args.init_timeout is not None:
         env["TRAINER_INIT_TIMEOUT"] = str(args.init_timeout)
@@ -129,6 +188,8 @@ class Launcher:
         stream.close()
 
     def start(self) -> None:
+        from trainer.lifecycle import die_with_parent
+
         port = self.args.port or free_port()
         coordinator = f"127.0.0.1:{port}"
         self.say(f"starting {self.args.processes} x `{self.args.module}` with {self.args.devices_per_process} "
@@ -137,7 +198,8 @@ class Launcher:
             p = subprocess.Popen(
                 child_cmd(self.args, i, coordinator), env=child_env(self.args, i, coordinator),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True)  # own process group: we deliver signals, not the terminal
+                start_new_session=True,  # own process group: we deliver signals, not the terminal
+                preexec_fn=die_with_parent(signal.SIGTERM))  # SIGTERM from the kernel if we die
             self.procs.append(p)
             t = threading.Thread(target=self._pump, args=(i, p.stdout), daemon=True)
             t.start()
@@ -238,6 +300,14 @@ def exit_status(code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.module in TRAINER_MODULES:
+        from trainer.config import ConfigError
+
+        try:
+            check_trainer_args(args)
+        except ConfigError as e:
+            print(f"error: {args.module}: {e}", file=sys.stderr)
+            return 2
     launcher = Launcher(args)
     old = {s: signal.signal(s, launcher.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -8,8 +8,8 @@ from model.blocks import DecoderBlock, EncoderBlock
 from model.config import ModelConfig
 from model.layers import (Embed, FeedForward, LearnedPositions, Logits, Norm, dropout,
                           sinusoidal_positions)
-from model.transformer import (PADDED_VOCAB_LOGIT, Decoder, Encoder, Transformer,
-                               positions_from_segments, shift_right)
+from model.stack import Decoder, Encoder
+from model.transformer import PADDED_VOCAB_LOGIT, Transformer, positions_from_segments, shift_right
 
 __all__ = [
     "ACTIVATION_AXES", "ALL_AXES", "PARAM_AXES", "PADDED_VOCAB_LOGIT", "Decoder", "DecoderBlock",

@@ -1,4 +1,4 @@
-"""Scaled dot-product attention, attention masks and multi-head attention.
+"""Scaled dot-product attention, attention masks and multi-head attention (with a KV cache).
 
 Masks are boolean, shaped [batch, 1 or heads, q_len, kv_len], True = may attend. They are
 built from padding, causality and packed segments and combined with a logical and.
@@ -84,11 +84,30 @@ def dot_product_attention(
     return out
 
 
+# A layer's key/value cache: (keys, values), each [batch, cache_length, heads, kv].
+KVCache = tuple[jax.Array, jax.Array]
+
+
+def _write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`new` [batch, n, heads, kv] written into `buffer` at positions index..index+n-1."""
+    updated = jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), (0, index, 0, 0))
+    return axes.constrain(updated, axes.BLHK)
+
+
 class MultiHeadAttention(nnx.Module):
     """Q/K/V/O projections (no biases, t5x style) around `dot_product_attention`.
 
-    `project_query`, `project_key_value` and `attend` are separate so an incremental decoder
-    can cache the projected keys/values and call `attend` with the cache.
+    One module for training, eval and incremental decoding: `__call__` takes an optional
+    key/value cache, so an attention variant (a position bias, another score function) is
+    written once and every pass uses it. Modes:
+
+    - no cache: keys/values are projected from `inputs_kv` (training, eval, the full pass);
+    - `cache` and `cache_index`: the keys/values of `inputs_kv` are written into the cache
+      buffers at `cache_index` and the queries attend over the whole buffers (decoder
+      self-attention, one step at a time; `mask` hides the positions not yet written);
+    - `cache` without `cache_index`: the cached keys/values are used as they are and
+      `inputs_kv` is ignored (cross-attention over an encoder output projected once, by
+      `project_key_value`, when the decoding cache was made).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -108,28 +127,40 @@ class MultiHeadAttention(nnx.Module):
         y = jnp.einsum("bld,dhk->blhk", x.astype(dt), kernel[...].astype(dt))
         return axes.constrain(y, axes.BLHK)
 
-    def project_query(self, x: jax.Array) -> jax.Array:
-        return self._project(x, self.query)
-
-    def project_key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def project_key_value(self, x: jax.Array) -> KVCache:
+        """Keys and values [batch, len, heads, kv] of `x`: a read-only cache for cross-attention."""
         return self._project(x, self.key), self._project(x, self.value)
 
-    def attend(
+    def __call__(
         self,
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        mask: jax.Array | None,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None,
+        mask: jax.Array | None = None,
         *,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
-    ) -> jax.Array:
-        """Attention over already projected q/k/v, then the output projection."""
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Attention output [batch, q_len, embed] and the cache after this call (None without one).
+
+        Self-attention when inputs_kv is inputs_q, cross-attention otherwise; see the class
+        docstring for the cache modes.
+        """
         dt = self.cfg.compute_dtype
+        q = self._project(inputs_q, self.query)
+        if cache is None:
+            k, v = self.project_key_value(inputs_kv)
+        elif cache_index is None:
+            k, v = cache
+        else:
+            new_k, new_v = self.project_key_value(inputs_kv)
+            k, v = _write(cache[0], new_k, cache_index), _write(cache[1], new_v, cache_index)
+            cache = (k, v)
         y = dot_product_attention(
-            query,
-            key,
-            value,
+            q,
+            k,
+            v,
             mask,
             dropout_rate=self.cfg.attention_dropout,
             dropout_rng=dropout_rng,
@@ -138,18 +169,4 @@ class MultiHeadAttention(nnx.Module):
         )
         y = axes.constrain(y, axes.BLHK)
         out = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
-        return axes.constrain(out, axes.BLE)
-
-    def __call__(
-        self,
-        inputs_q: jax.Array,
-        inputs_kv: jax.Array,
-        mask: jax.Array | None = None,
-        *,
-        deterministic: bool = True,
-        dropout_rng: jax.Array | None = None,
-    ) -> jax.Array:
-        """Self-attention when inputs_kv is inputs_q, cross-attention otherwise."""
-        q = self.project_query(inputs_q)
-        k, v = self.project_key_value(inputs_kv)
-        return self.attend(q, k, v, mask, deterministic=deterministic, dropout_rng=dropout_rng)
+        return axes.constrain(out, axes.BLE), cache

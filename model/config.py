@@ -8,6 +8,7 @@ user can find the key to fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -23,7 +24,9 @@ REMAT_POLICIES = ("none", "full", "minimal", "dots")
 class ModelConfig:
     """Sizes and options of the encoder-decoder Transformer."""
 
-    vocab_size: int = 32128  # real vocabulary size (tokenizer's)
+    # Real vocabulary size. None (the default): the tokenizer's size, filled in by the trainer
+    # once the data pipeline's tokenizer is known (the run's config.yaml records the value).
+    vocab_size: int | None = None
     vocab_multiple: int = 128  # embedding/logit rows padded up to a multiple of this
     d_model: int = 512
     num_heads: int = 8
@@ -49,6 +52,8 @@ class ModelConfig:
     @property
     def padded_vocab_size(self) -> int:
         """Rows of the embedding/logit tables: a multiple of `vocab_multiple` (tensor-shardable)."""
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size: unset; it is resolved from the tokenizer before the model is built")
         m = max(int(self.vocab_multiple), 1)
         return -(-int(self.vocab_size) // m) * m
 
@@ -78,7 +83,9 @@ class ModelConfig:
             if v < minimum:
                 fail(field, f"must be >= {minimum}, got {v}")
 
-        for field in ("vocab_size", "vocab_multiple", "d_model", "num_heads", "mlp_dim", "max_length"):
+        if self.vocab_size is not None:
+            check_int("vocab_size", 1)
+        for field in ("vocab_multiple", "d_model", "num_heads", "mlp_dim", "max_length"):
             check_int(field, 1)
         for field in ("encoder_layers", "decoder_layers"):
             check_int(field, 1)
@@ -95,8 +102,9 @@ class ModelConfig:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
                 fail(field, f"must be a number in [0, 1), got {v!r}")
-        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
-            fail("norm_eps", f"must be a positive number, got {self.norm_eps!r}")
+        if (isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float))
+                or not 0 < self.norm_eps < 1 or not math.isfinite(self.norm_eps)):
+            fail("norm_eps", f"must be a number in (0, 1), got {self.norm_eps!r}")
         for field, allowed in (
             ("activation", ACTIVATIONS),
             ("norm", NORMS),

@@ -1,13 +1,14 @@
-"""Encoder, decoder and the encoder-decoder Transformer.
+"""The encoder-decoder Transformer: teacher-forced training/eval and incremental decoding.
 
 Everything is a pure function of (params, inputs, dropout key): dropout keys are split
 deterministically per stage, per layer and per call site, so a jitted step gives the same
 result whatever the mesh the inputs are sharded over.
+
+Decoding one position at a time (`init_cache`, `decode_step`) runs the same embedding,
+decoder stack and logits as the full pass (`decode`); only the masks and the cache differ.
 """
 
 from __future__ import annotations
-
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,18 +16,29 @@ from flax import nnx
 
 from model import axes
 from model.attention import combine_masks, make_attention_mask, make_causal_mask, make_segment_mask
-from model.blocks import DecoderBlock, EncoderBlock
 from model.config import ModelConfig
-from model.layers import Embed, LearnedPositions, Logits, Norm, dropout, sinusoidal_positions, split_key
+from model.layers import Embed, LearnedPositions, Logits, dropout, sinusoidal_positions, split_key
+from model.stack import Decoder, Encoder
 
 # Finite so that one-hot * logits in a loss never meets -inf * 0; exp() underflows to 0.
 PADDED_VOCAB_LOGIT = -1e9
 
-_REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-}
+# The decoding cache (`Transformer.init_cache`) is a plain dict pytree, so jit,
+# `jax.lax.while_loop` and the searches in `model.search` carry it without NNX code:
+#
+#   self_k, self_v    [layers, batch, max_length, heads, kv]   decoder self-attention keys/values
+#   cross_k, cross_v  [layers, batch, src_len, heads, kv]      encoder keys/values, computed once
+#   source_valid      [batch, src_len] bool                    cross-attention padding mask
+#   index             int32 scalar                             next position to write
+#
+# The arrays carry logical axis names (`model.stack.CACHE_AXES`, SOURCE_AXES) like every other
+# activation, so the trainer's rules shard them (batch over data/fsdp, heads over tensor).
+Cache = dict[str, jax.Array]
+SOURCE_AXES = (axes.ACT_BATCH, axes.ACT_LENGTH)
+
+# Which axis of each cache entry is the batch (None: shared by all rows). The searches use it
+# to repeat the cache per beam and to reorder it when beams change parents.
+CACHE_BATCH_AXES = {"self_k": 1, "self_v": 1, "cross_k": 1, "cross_v": 1, "source_valid": 0, "index": None}
 
 
 def shift_right(x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -56,106 +68,6 @@ def _default_positions(ids: jax.Array, segment_ids: jax.Array | None) -> jax.Arr
     return jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
 
 
-def _make_layers(cfg: ModelConfig, block_cls: type, num_layers: int, rngs: nnx.Rngs) -> Any:
-    """A list of blocks, or one block with a leading 'layers' axis when scan_layers is on."""
-    if not cfg.scan_layers:
-        return nnx.List([block_cls(cfg, rngs=rngs) for _ in range(num_layers)])
-
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: axes.LAYERS})
-    def create(r: nnx.Rngs):
-        return block_cls(cfg, rngs=r)
-
-    return create(rngs)
-
-
-def _run_layers(
-    cfg: ModelConfig,
-    layers: Any,
-    num_layers: int,
-    x: jax.Array,
-    args: tuple,
-    deterministic: bool,
-    dropout_rng: jax.Array | None,
-) -> jax.Array:
-    """Apply the stack: a Python loop or nnx.scan, each block under nnx.remat if asked.
-
-    Layer i gets dropout key split(dropout_rng, n)[i] either way, so scan and loop agree.
-    """
-
-    def apply(block, h, key):
-        return block(h, *args, deterministic=deterministic, dropout_rng=key)
-
-    policy = _REMAT_POLICIES.get(cfg.remat)
-    if cfg.remat != "none":
-        apply = nnx.remat(apply, policy=policy, prevent_cse=not cfg.scan_layers)
-
-    keys = None
-    if not deterministic and dropout_rng is not None:
-        keys = jax.random.split(dropout_rng, num_layers)
-
-    if cfg.scan_layers:
-        scan = nnx.scan(
-            apply,
-            in_axes=(0, nnx.Carry, 0 if keys is not None else None),
-            out_axes=nnx.Carry,
-            transform_metadata={nnx.PARTITION_NAME: axes.LAYERS},
-        )
-        return scan(layers, x, keys)
-    for i, block in enumerate(layers):
-        x = apply(block, x, None if keys is None else keys[i])
-    return x
-
-
-class Encoder(nnx.Module):
-    """Stack of EncoderBlocks plus the final norm (pre-LN only)."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.layers = _make_layers(cfg, EncoderBlock, cfg.encoder_layers, rngs)
-        self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
-
-    def __call__(
-        self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool = True, dropout_rng: jax.Array | None = None
-    ) -> jax.Array:
-        x = _run_layers(self.cfg, self.layers, self.cfg.encoder_layers, x, (mask,), deterministic, dropout_rng)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return axes.constrain(x, axes.BLE)
-
-
-class Decoder(nnx.Module):
-    """Stack of DecoderBlocks plus the final norm (pre-LN only)."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.layers = _make_layers(cfg, DecoderBlock, cfg.decoder_layers, rngs)
-        self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
-
-    def __call__(
-        self,
-        x: jax.Array,
-        encoded: jax.Array,
-        self_mask: jax.Array | None,
-        cross_mask: jax.Array | None,
-        *,
-        deterministic: bool = True,
-        dropout_rng: jax.Array | None = None,
-    ) -> jax.Array:
-        x = _run_layers(
-            self.cfg,
-            self.layers,
-            self.cfg.decoder_layers,
-            x,
-            (encoded, self_mask, cross_mask),
-            deterministic,
-            dropout_rng,
-        )
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        return axes.constrain(x, axes.BLE)
-
-
 def _check_rng(deterministic: bool, dropout_rng: jax.Array | None) -> None:
     if not deterministic and dropout_rng is None:
         raise ValueError("deterministic=False needs dropout_rng (the trainer passes the step's key)")
@@ -166,6 +78,8 @@ class Transformer(nnx.Module):
 
     Token ids are int32 with 0 = padding (and BOS after the shift). Logits cover the padded
     vocabulary; ids >= vocab_size get PADDED_VOCAB_LOGIT so they never get probability.
+    `__call__`/`encode`/`decode` are the full passes; `init_cache` and `decode_step` decode
+    one position at a time through the same modules (see `model.decoding` for the searches).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -265,7 +179,6 @@ class Transformer(nnx.Module):
         needs no mask (causality keeps real positions from seeing it).
         """
         _check_rng(deterministic, dropout_rng)
-        k_embed, k_layers = split_key(dropout_rng if not deterministic else None, 2)
         tgt_len = decoder_input_tokens.shape[1]
         if targets_positions is None:
             targets_positions = _default_positions(decoder_input_tokens, targets_segment_ids)
@@ -281,16 +194,95 @@ class Transformer(nnx.Module):
             )
             cross_mask = make_attention_mask(query_valid, key_valid)
 
-        table = self._target_embedding()
-        y = self._embed(table, self.decoder_positions, decoder_input_tokens, targets_positions, deterministic, k_embed)
-        y = self.decoder(y, encoded, self_mask, cross_mask, deterministic=deterministic, dropout_rng=k_layers)
-        logits = table.attend(y) if self.logits_dense is None else self.logits_dense(y)
-        vocab_ok = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
-        logits = jnp.where(vocab_ok, logits, PADDED_VOCAB_LOGIT)
-        logits = axes.constrain(logits, axes.BLV)
+        logits, _ = self._decoder_logits(
+            decoder_input_tokens,
+            targets_positions,
+            encoded,
+            self_mask,
+            cross_mask,
+            deterministic=deterministic,
+            dropout_rng=dropout_rng,
+        )
         if return_probs:
             return jax.nn.softmax(logits, axis=-1)
         return logits
+
+    def _decoder_logits(
+        self,
+        ids: jax.Array,
+        positions: jax.Array,
+        encoded: jax.Array | None,
+        self_mask: jax.Array | None,
+        cross_mask: jax.Array | None,
+        *,
+        cache: Cache | None = None,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Target embedding, decoder stack and logits: the one path of `decode` and `decode_step`.
+
+        Without `cache`: logits of every position of `ids`. With one: `ids` sit at positions
+        `cache['index']`.., the decoder reads and writes the cache, and the updated cache (index
+        moved past `ids`) comes back.
+        """
+        k_embed, k_layers = split_key(dropout_rng if not deterministic else None, 2)
+        y = self._embed(self._target_embedding(), self.decoder_positions, ids, positions, deterministic, k_embed)
+        layer_cache = None if cache is None else {k: cache[k] for k in ("self_k", "self_v", "cross_k", "cross_v")}
+        y, layer_cache = self.decoder(
+            y,
+            encoded,
+            self_mask,
+            cross_mask,
+            cache=layer_cache,
+            cache_index=None if cache is None else cache["index"],
+            deterministic=deterministic,
+            dropout_rng=k_layers,
+        )
+        if cache is not None:
+            cache = dict(cache, **layer_cache, index=cache["index"] + ids.shape[1])
+        return self.logits(y), cache
+
+    def logits(self, y: jax.Array) -> jax.Array:
+        """Logits [batch, len, padded_vocab] (float32) of decoder outputs `y`.
+
+        The one place the padded vocabulary is masked: ids >= vocab_size get PADDED_VOCAB_LOGIT,
+        so no pass (training, eval, generation) ever gives them probability.
+        """
+        table = self._target_embedding()
+        logits = table.attend(y) if self.logits_dense is None else self.logits_dense(y)
+        vocab_ok = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
+        logits = jnp.where(vocab_ok, logits, PADDED_VOCAB_LOGIT)
+        return axes.constrain(logits, axes.BLV)
+
+    # -- incremental decoding --------------------------------------------------------------------
+
+    def init_cache(self, inputs: jax.Array, max_length: int, *, encoded: jax.Array | None = None) -> Cache:
+        """Encodes `inputs` [batch, src_len] (0 = padding) and returns an empty decoding cache.
+
+        `max_length` is the number of target positions the cache holds (the longest output);
+        `encoded` skips the encoder when the caller already has its output.
+        """
+        if encoded is None:
+            encoded = self.encode(inputs)
+        cache = self.decoder.init_cache(encoded, max_length)
+        cache["source_valid"] = axes.constrain(inputs != 0, SOURCE_AXES)
+        cache["index"] = jnp.zeros((), jnp.int32)
+        return cache
+
+    def decode_step(self, cache: Cache, tokens: jax.Array) -> tuple[jax.Array, Cache]:
+        """Feeds `tokens` [batch] at position `cache['index']`; returns logits [batch, vocab], cache.
+
+        The logits (float32, padded vocabulary masked) predict the token at position index + 1
+        and equal `decode`'s at that position. Position 0's input is 0 (the shift-right BOS).
+        """
+        index = cache["index"]
+        batch = tokens.shape[0]
+        ids = tokens.reshape(batch, 1).astype(jnp.int32)
+        positions = jnp.broadcast_to(index, (batch, 1)).astype(jnp.int32)
+        self_mask = make_causal_mask(1, cache["self_k"].shape[2], offset=index)
+        cross_mask = make_attention_mask(jnp.ones((batch, 1), bool), cache["source_valid"])
+        logits, cache = self._decoder_logits(ids, positions, None, self_mask, cross_mask, cache=cache)
+        return logits[:, 0], cache
 
     def __call__(
         self,

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from configs import CONFIG_DIR
 from sharding.mesh import MESH_AXES
 
 Rule = tuple[str, tuple[str, ...] | None]
 Rules = tuple[Rule, ...]
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "rules"
+PRESET_DIR = CONFIG_DIR / "rules"
 
 
 class RulesError(ValueError):
@@ -143,11 +144,3 @@ def axes_size(name: str, rules: Rules, mesh: Mesh) -> int:
         if n == name:
             return math.prod(mesh.shape[a] for a in axes) if axes else 1
     return 1
-
-
-def used_logical_names(rules: Rules) -> set[str]:
-    return {name for name, _ in rules}
-
-
-def describe(rules: Iterable[Rule]) -> str:
-    return ", ".join(f"{n}->{'/'.join(a) if a else 'replicated'}" for n, a in rules)

@@ -138,12 +138,15 @@ def test_eval_is_one_padded_pass_same_count_on_every_process():
         )
         batches = list(p)
         counts.append(len(batches))
-        assert len(batches) == p.num_batches == 3  # ceil(11 / 4)
+        assert len(batches) == p.num_batches == 3  # ceil(21 / 8) global batches
         for b in batches:
             check_layout(b)
             assert b["inputs"].shape == (4, 16)
             seen += [tuple(r) for r, s in zip(b["inputs"], b["inputs_segment_ids"]) if s.any()]
-        assert (batches[-1]["targets_segment_ids"][-1] == 0).all()  # padded rows are all zero
+        # Global rows 21..23 of the last batch are past the end: process 1's last three rows are padding.
+        padded = [not s.any() for s in batches[-1]["targets_segment_ids"]]
+        assert padded == ([False] * 4 if i == 0 else [False, True, True, True])
+        assert (batches[-1]["inputs"][np.array(padded, bool)] == 0).all()  # padded rows are all zero
     assert len(seen) == len(set(seen)) == 21
     train = build_pipeline(cfg, split="train", global_batch_size=64, seed=0, vocab_size=32)
     tr = {tuple(t) for b in (next(train) for _ in range(4)) for _, _, t in segments(b, "inputs")}

@@ -116,19 +116,23 @@ def test_missing_empty_and_all_bad_files_are_errors_naming_the_path(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ValueError, match=r"data\.path: .*empty\.tsv is empty"):
         check_sources(tsv_cfg(empty, tmp_path))
+    # Reading the lines happens once, when the sources are built (before anything compiles).
+    def read_sources(cfg):
+        build_pipeline(cfg, split="train", global_batch_size=4, seed=0)
+
     blank = tmp_path / "blank.tsv"
     blank.write_bytes(b"\n  \r\n\n")
     with pytest.raises(ValueError, match=r"blank\.tsv is empty"):
-        check_sources(tsv_cfg(blank, tmp_path))
+        read_sources(tsv_cfg(blank, tmp_path))
     bad = tmp_path / "bad.tsv"
     bad.write_bytes(b"no tabs\nat all\n\xff\xff\n")
     with pytest.raises(ValueError, match=r"bad\.tsv has no valid tsv lines \(3 lines: 1 invalid_utf8, 2 no_tab\)"):
-        check_sources(tsv_cfg(bad, tmp_path))
+        read_sources(tsv_cfg(bad, tmp_path))
     # one bad file among good ones is still an error
     good = tmp_path / "good.tsv"
     write_bad_tsv(good)
     with pytest.raises(ValueError, match=r"bad\.tsv"):
-        check_sources(tsv_cfg(f"{good},{bad}", tmp_path))
+        read_sources(tsv_cfg(f"{good},{bad}", tmp_path))
 
 
 def test_jsonl_fields_and_counts(tmp_path):

@@ -99,9 +99,9 @@ def embedded(**kw):
 
 
 def test_embedded_split_is_deterministic_and_disjoint():
-    from trainer.data.sources import EmbeddedSource
+    from trainer.data.sources import make_source
 
-    a, b = EmbeddedSource(embedded()), EmbeddedSource(embedded())
+    a, b = make_source(embedded(), vocab_size=None), make_source(embedded(), vocab_size=None)
     for split in ("train", "eval"):
         assert len(a._chunks[split]) == len(b._chunks[split]) > 10
     tr = {c.tobytes() for c in a._chunks["train"]}
@@ -143,9 +143,6 @@ def test_embedded_sentencepiece_cached_and_recorded(tmp_path):
     path = p.data_config.tokenizer_path
     assert path.startswith(str(tmp_path)) and os.path.isfile(path)
     mtime = os.stat(path).st_mtime_ns
-    from trainer.data import sources
-
-    sources._SOURCE_CACHE.clear()
     q = build_pipeline(cfg, split="eval", global_batch_size=4, seed=0, vocab_size=1000)
     assert q.data_config.tokenizer_path == path and os.stat(path).st_mtime_ns == mtime  # reused
     b = next(p)
@@ -230,3 +227,66 @@ def test_packed_loss_equals_unpacked_loss():
         m = b["targets_segment_ids"][r] == s
         lp, la = packed[r][m].mean(), alone[j][: m.sum()].mean()
         assert abs(lp - la) < 1e-5, (r, s, lp, la)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 20, 64, 127, 300])
+def test_infilling_targets_are_the_original_and_inputs_fit(n):
+    """BART-style infilling: deterministic given the rng, targets = the chunk, one sentinel per span."""
+    sentinels = np.arange(999, 899, -1, dtype=np.int32)
+    rng = np.random.default_rng(n)
+    for _ in range(30):
+        tokens = rng.integers(NUM_RESERVED, 900, n).astype(np.int32)
+        seed = int(rng.integers(1 << 30))
+        out = sc.infill(tokens, 0.15, 3.0, np.random.default_rng(seed), sentinels)
+        again = sc.infill(tokens, 0.15, 3.0, np.random.default_rng(seed), sentinels)
+        np.testing.assert_array_equal(out["inputs"], again["inputs"])
+        np.testing.assert_array_equal(out["targets"], tokens)
+        assert (len(out["inputs"]) + 1, len(out["targets"]) + 1) == sc.infilled_lengths(n, 0.15, 3.0)
+        inp = out["inputs"]
+        spans = inp[inp >= 900]
+        np.testing.assert_array_equal(spans, sentinels[: len(spans)])  # sentinel i for span i, in order
+        assert len(spans) >= 1 and inp[0] == tokens[0]  # starts with kept text
+        # the kept tokens are the original's, in order, with each span collapsed to its sentinel
+        mask = sc.infilling_mask(n, 0.15, 3.0, np.random.default_rng(seed))
+        starts = mask & ~np.concatenate([[False], mask[:-1]])
+        expect = np.where(starts, -1, tokens)[~mask | starts]
+        np.testing.assert_array_equal(np.where(inp >= 900, -1, inp), expect)
+    # a chunk cut for the lengths fits them, eos included
+    for i_len, t_len in [(128, 128), (64, 64), (100, 128), (128, 64), (16, 16)]:
+        c = sc.chunk_length(i_len, t_len, 0.15, 3.0, "infilling")
+        assert c == t_len - 1 or sc.infilled_lengths(c + 1, 0.15, 3.0)[0] > i_len
+        i, t = sc.infilled_lengths(c, 0.15, 3.0)
+        assert i <= i_len and t <= t_len
+
+
+def test_infilling_span_lengths_are_poisson_like():
+    rng = np.random.default_rng(0)
+    lens = []
+    for _ in range(500):
+        mask = sc.infilling_mask(int(rng.integers(50, 300)), 0.15, 3.0, rng)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+        lens += list(edges[1::2] - edges[::2])
+    lens = np.asarray(lens)
+    assert lens.min() >= 1 and abs(lens.mean() - 3.0) < 0.2
+    assert 1.0 < lens.var() < 3.5  # about 1 + Poisson(2): variance ~2 (uniform cuts: ~6)
+
+
+def test_embedded_infilling_batches_hold_whole_chunks():
+    cfg = embedded(objective="infilling", inputs_length=64, targets_length=64)
+    p = build_pipeline(cfg, split="train", global_batch_size=8, seed=0, vocab_size=360)
+    assert p.source.chunk_length == 63
+    chunks = {c.tobytes() for c in p.source._chunks["train"]}
+    b = next(p)
+    for r in range(8):
+        for s in np.unique(b["targets_segment_ids"][r]):
+            if s:
+                t = b["targets"][r][b["targets_segment_ids"][r] == s]
+                i = b["inputs"][r][b["inputs_segment_ids"][r] == s]
+                assert t[-1] == EOS_ID and i[-1] == EOS_ID
+                assert t[:-1].tobytes() in chunks  # the target is the whole original chunk
+                assert (i >= p.tokenizer.first_sentinel_id).any()
+
+
+def test_objective_is_validated():
+    with pytest.raises(ValueError, match=r"data\.objective: 'bart' is not one of span_corruption, infilling"):
+        DataConfig(objective="bart").validate()

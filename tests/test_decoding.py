@@ -9,8 +9,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from model import ModelConfig, Transformer, shift_right
-from model import decoding, search
+from model import ModelConfig, Transformer, attention, decoding, search, shift_right
 
 EOS = 1
 
@@ -48,10 +47,10 @@ def _incremental_and_full(graphdef, params, inputs, targets):
     model = nnx.merge(graphdef, params)
     full = model(inputs, targets)
     decoder_inputs = shift_right(targets)
-    cache = decoding.init_cache(model, inputs, targets.shape[1])
+    cache = model.init_cache(inputs, targets.shape[1])
     steps = []
     for t in range(targets.shape[1]):
-        logits, cache = decoding.decode_step(model, cache, decoder_inputs[:, t])
+        logits, cache = model.decode_step(cache, decoder_inputs[:, t])
         steps.append(logits)
     return jnp.stack(steps, axis=1), full, cache
 
@@ -146,7 +145,7 @@ def test_beam_size_1_equals_greedy():
 
 
 def _beam(model, inputs, beam_size, max_length, alpha):
-    cache = decoding.init_cache(model, inputs, max_length)
+    cache = model.init_cache(inputs, max_length)
     return search.beam_search(
         decoding.make_step_fn(model),
         cache,
@@ -255,3 +254,41 @@ def test_outputs_stop_at_eos_and_pad_after():
 def test_length_penalty_matches_gnmt():
     np.testing.assert_allclose(float(search.length_penalty(7, 0.6)), ((5 + 7) / 6) ** 0.6, rtol=1e-6)
     assert float(search.length_penalty(3, 0.0)) == 1.0
+
+
+def _qk_normalised_attention(query, key, value, mask=None, **kw):
+    """An attention variant (query/key RMS normalisation, as in OLMo 2), written once."""
+    norm = lambda x: x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-6)
+    return _PLAIN_ATTENTION(norm(query).astype(query.dtype), norm(key).astype(key.dtype), value, mask, **kw)
+
+
+_PLAIN_ATTENTION = attention.dot_product_attention
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_full_and_cached_passes_share_the_modules_so_a_variant_goes_in_one_place(scan, monkeypatch):
+    """One model object runs the teacher-forced pass and the cached step-by-step pass. An attention
+    variant patched into one function (the one MultiHeadAttention calls) changes both passes,
+    and they still agree: incremental decoding has no copy of the decoder to keep in step."""
+    _, graphdef, params = _model(scan)
+    inputs, targets = _data()
+
+    def both_passes(model):
+        full = model(inputs, targets)
+        cache = model.init_cache(inputs, targets.shape[1])
+        steps = []
+        for t, token in enumerate(shift_right(targets).T):
+            logits, cache = model.decode_step(cache, token)
+            steps.append(logits)
+        return full, jnp.stack(steps, axis=1)
+
+    # A fresh jitted function per run: the patched variant must be traced, not a cached trace.
+    run = lambda: [np.asarray(a) for a in nnx.jit(lambda m: both_passes(m))(nnx.merge(graphdef, params))]
+    plain_full, plain_steps = run()
+    np.testing.assert_allclose(plain_steps, plain_full, atol=1e-5, rtol=0)
+
+    monkeypatch.setattr(attention, "dot_product_attention", _qk_normalised_attention)
+    full, steps = run()
+    np.testing.assert_allclose(steps, full, atol=1e-5, rtol=0)
+    assert np.abs(full - plain_full).max() > 1e-2, "the variant should change the full pass"
+    assert np.abs(steps - plain_steps).max() > 1e-2, "the variant should change the cached pass"

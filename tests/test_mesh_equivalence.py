@@ -15,7 +15,7 @@ MESHES = {
 }
 COMMON = ("train.steps=3", "train.log_every=1", "train.eval_every=0", "checkpoint.save_final=false",
           # dropout on: its masks must not depend on the mesh either
-          "model.dropout=0.1", "train.batch_size=16")
+          "model.dropout=0.1", "train.batch_size=16", "train.warmup_steps=1")
 
 
 def _losses(workdir, *overrides, devices):

@@ -221,6 +221,8 @@ def test_validate_names_the_key(field, value):
 def test_config_defaults():
     cfg = ModelConfig()
     cfg.validate()
+    assert cfg.vocab_size is None  # the tokenizer's size, filled in by the trainer
+    cfg = dataclasses.replace(cfg, vocab_size=32128)
     assert cfg.padded_vocab_size == 32128 and cfg.kv_dim == 64
     assert dataclasses.replace(cfg, vocab_size=32000).padded_vocab_size == 32000
     assert dataclasses.replace(cfg, vocab_size=32001).padded_vocab_size == 32128

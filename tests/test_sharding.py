@@ -114,9 +114,55 @@ def test_rule_errors():
         load_rules("nope")
 
 
-def test_presets_load():
-    for name in ("default", "fsdp", "data_parallel"):
-        assert load_rules(name)
+# Golden specs of every preset in configs/rules/: parameter kinds (as in GOLDEN above, plus a
+# scanned `layers` stack) and the activations the model names.
+PRESET_KINDS = [
+    ("vocab", "embed"), ("embed", "heads", "kv"), ("heads", "kv", "embed"), ("embed", "mlp"), ("mlp", "embed"),
+    ("embed",), ("embed", "vocab"), ("length", "embed"), ("layers", "embed", "mlp"), ("batch", "length"),
+    ("activation_batch", "activation_length", "activation_embed"),
+    ("activation_batch", "activation_length", "activation_heads", "activation_kv"),
+    ("activation_batch", "activation_length", "activation_mlp"),
+    ("activation_batch", "activation_length", "activation_vocab"),
+]
+BATCH2 = ("data", "fsdp")
+BATCH3 = ("data", "fsdp", "tensor")
+PRESET_GOLDEN = {
+    "default": [
+        P("tensor", "fsdp"), P("fsdp", "tensor", None), P("tensor", None, "fsdp"), P("fsdp", "tensor"),
+        P("tensor", "fsdp"), P("fsdp"), P("fsdp", "tensor"), P(None, "fsdp"), P(None, "fsdp", "tensor"),
+        P(BATCH2, None), P(BATCH2, None, None), P(BATCH2, None, "tensor", None), P(BATCH2, None, "tensor"),
+        P(BATCH2, None, "tensor"),
+    ],
+    # every matrix split over fsdp along its first dimension that has a rule to fsdp; no tensor axis
+    "fsdp": [
+        P("fsdp", None), P("fsdp", None, None), P("fsdp", None, None), P("fsdp", None), P("fsdp", None),
+        P("fsdp"), P("fsdp", None), P(None, "fsdp"), P(None, "fsdp", None),
+        P(BATCH2, None), P(BATCH2, None, None), P(BATCH2, None, None, None), P(BATCH2, None, None),
+        P(BATCH2, None, None),
+    ],
+    # parameters replicated, the batch over every axis
+    "data_parallel": [
+        P(None, None), P(None, None, None), P(None, None, None), P(None, None), P(None, None),
+        P(None), P(None, None), P(None, None), P(None, None, None),
+        P(BATCH3, None), P(BATCH3, None, None), P(BATCH3, None, None, None), P(BATCH3, None, None),
+        P(BATCH3, None, None),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESET_GOLDEN))
+def test_presets_match_their_golden_tables(name):
+    rules = load_rules(name)
+    got = [logical_to_spec(kind, rules) for kind in PRESET_KINDS]
+    assert got == PRESET_GOLDEN[name], [(k, g) for k, g, want in zip(PRESET_KINDS, got, PRESET_GOLDEN[name])
+                                        if g != want]
+
+
+def test_every_preset_is_in_the_golden_tables_and_default_is_the_builtin_table():
+    from sharding.rules import PRESET_DIR
+
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(PRESET_GOLDEN)
+    assert load_rules("default") == load_rules(DEFAULT_RULES)
 
 
 def test_mesh_shape_fill_and_errors():

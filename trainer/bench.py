@@ -10,6 +10,8 @@ Measures, for the configured model, mesh and batch, on this machine:
 
 Prints a table and one JSON line (`bench: {...}`) for scripts. Nothing is written to the
 workdir, and no checkpoint is read: the state is freshly initialised.
+
+Exit codes: 0 on success, 2 for a user error (one line on stderr).
 """
 
 from __future__ import annotations
@@ -25,14 +27,14 @@ _COMMAND_KEYS = ("bench.steps", "bench.pipeline_batches")
 
 
 def run(cfg: Any, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str, Any]:
-    from trainer.setup import init_devices, logical_context, mesh_and_rules, sized_model_config
+    from trainer.setup import init_devices, logical_context, mesh_and_rules, resolve_vocab_size, sized_model_config
 
     init_devices(cfg)
 
     import jax
     import numpy as np
 
-    from sharding.rules import axes_size
+    from sharding.rules import RulesError, axes_size
     from sharding.state import batch_sharding
     from trainer.data import build_pipeline, check_sources
     from trainer.data.bench import pipeline_batches_per_sec
@@ -44,14 +46,15 @@ def run(cfg: Any, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str, A
 
     mesh, rules = mesh_and_rules(cfg)
     check_batch(cfg, axes_size("batch", rules, mesh), jax.process_count())
-    model_cfg = sized_model_config(cfg, mesh, rules)
     try:
         check_sources(cfg.data)
+        pipeline = build_pipeline(cfg.data, split="train", global_batch_size=cfg.train.batch_size, seed=cfg.seed,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  vocab_size=cfg.model.vocab_size)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
-    pipeline = build_pipeline(cfg.data, split="train", global_batch_size=cfg.train.batch_size, seed=cfg.seed,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              vocab_size=cfg.model.vocab_size, workdir=cfg.workdir)
+    cfg = resolve_vocab_size(cfg, pipeline.vocab_size if pipeline.tokenizer is not None else None)
+    model_cfg = sized_model_config(cfg, mesh, rules)
     flops = model_flops_per_step(model_cfg, cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length)
     peak, peak_source = peak_flops_per_device(model_cfg.dtype)
     on_cpu = mesh.devices.flat[0].platform == "cpu"
@@ -59,7 +62,10 @@ def run(cfg: Any, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str, A
 
     tx, schedule = make_optimizer(cfg.train)
     with logical_context(mesh, rules):
-        spec = make_state_spec(model_cfg, tx, mesh, rules, cfg.seed)
+        try:
+            spec = make_state_spec(model_cfg, tx, mesh, rules, cfg.seed)
+        except RulesError as e:
+            raise ConfigError(str(e)) from None
         state = create_state(spec)
         inputs_sharding = batch_sharding(mesh, rules)
         step_fn = jit_train_step(spec.graphdef, tx, schedule, vocab_size=cfg.model.vocab_size,
@@ -131,11 +137,27 @@ def _table(r: dict[str, Any]) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def parse_options(argv: list[str]) -> dict[str, int]:
+    """This command's own `bench.*` keys: whole numbers >= 1."""
+    options = {}
+    for arg in argv:
+        key, _, text = arg.partition("=")
+        if key in _COMMAND_KEYS:
+            try:
+                value = int(text)
+            except ValueError:
+                raise ConfigError(f"`{key}` must be a whole number >= 1, got {text!r}") from None
+            if value < 1:
+                raise ConfigError(f"`{key}` must be >= 1, got {value}")
+            options[key] = value
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    options = {k: int(a.partition("=")[2]) for a in argv for k in _COMMAND_KEYS if a.startswith(k + "=")}
     rest = [a for a in argv if a.partition("=")[0] not in _COMMAND_KEYS]
     try:
+        options = parse_options(argv)
         result = run(load_config(rest), steps=options.get("bench.steps", 10),
                      pipeline_batches=options.get("bench.pipeline_batches", 50))
     except ConfigError as e:

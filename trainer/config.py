@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,13 +20,29 @@ from typing import Any
 
 import yaml
 
+from configs import CONFIG_DIR
 from model.config import ModelConfig
 from trainer.data.config import DataConfig
 from trainer.distributed import DistributedConfig
 from trainer.generate import DecodeConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader without YAML 1.1's base-60 numbers: `10:15` stays the string "10:15"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if ":[0-5]" not in rx.pattern]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern in (
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+                                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+):
+    _Loader.add_implicit_resolver(_tag, re.compile(_pattern), list("-+0123456789."))
 
 
 class ConfigError(ValueError):
@@ -63,6 +81,10 @@ class TrainConfig:
     eval_every: int = 100  # 0 disables eval
     eval_batches: int = 0  # 0 = the whole held-out split
     on_nonfinite: str = "stop"  # stop | skip
+    # A jax.profiler trace of steps START..END (e.g. "10:15") under WORKDIR/tensorboard/ (the
+    # TensorBoard profile tab); process 0 only unless profile_all_processes.
+    profile_steps: str | None = None
+    profile_all_processes: bool = False
     # Test-only: multiply the loss by inf at this step to exercise the non-finite handling.
     debug_nonfinite_step: int = -1
 
@@ -120,12 +142,19 @@ class Config:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Reads a YAML file (safe loader); a `base:` key names a file it extends."""
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    if raw is None:
+        raise ConfigError(f"config file {path} is empty: give it config keys (e.g. `base: default.yaml`), "
+                          f"or leave it out to use {DEFAULT_CONFIG}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config keys")
     base = raw.pop("base", None)
@@ -247,7 +276,7 @@ def parse_overrides(args: list[str]) -> tuple[Path | None, dict[str, Any]]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"malformed override `{arg}`: expected key.path=value")
         try:
-            value = yaml.safe_load(text) if text else None
+            value = yaml.load(text, Loader=_Loader) if text else None
         except yaml.YAMLError:
             value = text
         node = nested
@@ -260,10 +289,20 @@ def parse_overrides(args: list[str]) -> tuple[Path | None, dict[str, Any]]:
     return path, nested
 
 
+def _find_config(path: Path) -> Path:
+    """A config path as given, else the shipped config of that name (`configs/tiny.yaml` works from any
+    directory, also with the package installed)."""
+    if path.exists() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts and path.parts[0] == "configs" else path.parts
+    shipped = CONFIG_DIR.joinpath(*parts) if parts else CONFIG_DIR
+    return shipped if shipped.is_file() else path
+
+
 def load_config(args: list[str] | None = None, *, path: str | os.PathLike | None = None) -> Config:
     """Builds the Config from `[CONFIG.yaml] [key=value ...]` (CONFIG defaults to default.yaml)."""
     cli_path, overrides = parse_overrides(list(args or []))
-    config_path = Path(path) if path is not None else (cli_path or DEFAULT_CONFIG)
+    config_path = _find_config(Path(path) if path is not None else (cli_path or DEFAULT_CONFIG))
     raw = _read_yaml(config_path)
     cfg = _build(Config, raw, "", f" in {config_path}")
     if overrides:
@@ -282,36 +321,120 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
+MAX_SEED = 2**32 - 1  # numpy and Grain take seeds in [0, 2**32)
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+    """`"START:END"` -> (START, END), or None when it is not a valid range of steps."""
+    start, sep, end = str(spec).partition(":")
+    if not sep or not start.strip().isdigit() or not end.strip().isdigit():
+        return None
+    a, b = int(start), int(end)
+    return (a, b) if 1 <= a <= b else None
+
+
 def validate(cfg: Config) -> None:
-    """Checks values that the types alone cannot (mesh fit is checked once devices are known)."""
+    """Checks values that the types alone cannot (mesh fit is checked once devices are known).
+
+    Every numeric key is checked against its real domain here or in its section's `validate()`
+    (model, data, distributed, decode); tests/test_config.py holds the table of bad values.
+    """
+    _check_finite(cfg, "")
+    _require(bool(str(cfg.workdir).strip()), "workdir", "must not be empty")
+    _require(0 <= cfg.seed <= MAX_SEED, "seed", f"must be in [0, {MAX_SEED}] (2**32 - 1), got {cfg.seed}")
     t = cfg.train
-    _require(t.steps >= 0, "train.steps", "must be >= 0")
-    _require(t.batch_size > 0, "train.batch_size", "must be > 0")
-    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    _require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    _require(t.batch_size > 0, "train.batch_size", f"must be > 0, got {t.batch_size}")
+    _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}")
     _require(t.batch_size % t.grad_accum_steps == 0, "train.batch_size",
              f"({t.batch_size}) must be divisible by train.grad_accum_steps ({t.grad_accum_steps})")
     _require(t.schedule in ("cosine", "rsqrt", "constant"), "train.schedule",
              f"must be cosine, rsqrt or constant, got {t.schedule!r}")
     _require(t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}")
-    _require(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
-    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
-    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0 disables eval)")
-    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _require(t.learning_rate > 0, "train.learning_rate", "must be > 0")
+    _require(0.0 <= t.label_smoothing < 1.0, "train.label_smoothing", f"must be in [0, 1), got {t.label_smoothing}")
+    _require(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    if t.profile_steps is not None:
+        _require(profile_range(t.profile_steps) is not None, "train.profile_steps",
+                 f"must be START:END with 1 <= START <= END (steps to trace), got {t.profile_steps!r}")
+    _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables eval), got {t.eval_every}")
+    _require(t.eval_batches >= 0, "train.eval_batches",
+             f"must be >= 0 (0 = the whole held-out split), got {t.eval_batches}")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
+    _require(0.0 <= t.end_learning_rate_ratio <= 1.0, "train.end_learning_rate_ratio",
+             f"must be in [0, 1] (a fraction of the peak), got {t.end_learning_rate_ratio}")
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(0.0 <= t.adam_b1 < 1.0, "train.adam_b1", f"must be in [0, 1), got {t.adam_b1}")
+    _require(0.0 <= t.adam_b2 < 1.0, "train.adam_b2", f"must be in [0, 1), got {t.adam_b2}")
+    _require(t.adam_eps > 0, "train.adam_eps", f"must be > 0 (it keeps Adam's division finite), got {t.adam_eps}")
+    _require(t.grad_clip_norm >= 0, "train.grad_clip_norm",
+             f"must be >= 0 (0 disables clipping), got {t.grad_clip_norm}")
+    _require(t.debug_nonfinite_step == -1 or t.debug_nonfinite_step >= 1, "train.debug_nonfinite_step",
+             f"must be -1 (off) or a step >= 1, got {t.debug_nonfinite_step}")
     for name in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, name)
         _require(size == -1 or size >= 1, f"mesh.{name}", f"must be -1 (fill) or >= 1, got {size}")
     _require(sum(getattr(cfg.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) <= 1, "mesh",
              "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0 (0 disables)")
-    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    c = cfg.checkpoint
+    _require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 disables), got {c.every}")
+    _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
+    _require(c.keep_period >= 0, "checkpoint.keep_period", f"must be >= 0 (0 disables), got {c.keep_period}")
     rc = cfg.runtime.cpu_devices
-    _require(rc is None or rc >= 1, "runtime.cpu_devices", f"must be >= 1, got {rc}")
+    _require(rc is None or 1 <= rc <= MAX_CPU_DEVICES, "runtime.cpu_devices",
+             f"must be in [1, {MAX_CPU_DEVICES}], got {rc}")
+    p = cfg.runtime.platform
+    _require(p is None or bool(p.strip()), "runtime.platform", "must be a JAX platform (cpu, gpu, tpu) or null")
     for section in (cfg.model, cfg.data, cfg.distributed, cfg.decode):
         try:
             section.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    _validate_across_sections(cfg)
+
+
+MAX_CPU_DEVICES = 4096
+
+
+def _validate_across_sections(cfg: Config) -> None:
+    """Keys that are only wrong together (lengths vs positions, vocabulary vs data, eval data)."""
+    from trainer.generate import max_length_limit
+
+    m, d = cfg.model, cfg.data
+    longest = max(d.inputs_length, d.targets_length)
+    if m.positions == "learned":
+        _require(m.max_length >= longest, "model.max_length",
+                 f"({m.max_length}) must be >= the longest sequence, max(data.inputs_length, data.targets_length) "
+                 f"= {longest}, with model.positions=learned (the position table has model.max_length rows)")
+    sources = [c.source for _, _, c in d.sources()] if d.mixture else [d.source]
+    if "synthetic" in sources:
+        _require(m.vocab_size is not None, "model.vocab_size",
+                 "must be set for data.source=synthetic (there is no tokenizer to take it from)")
+        _require(m.vocab_size > 5, "model.vocab_size",
+                 f"must be > 5 for data.source=synthetic (4 reserved ids + at least 2 tokens), got {m.vocab_size}")
+    if cfg.train.eval_every > 0 and not d.mixture and d.source in ("embedded", "tsv", "jsonl") \
+            and not d.eval_path and d.eval_fraction == 0:
+        _require(False, "data.eval_fraction", f"is 0 and data.eval_path is unset, so there is no held-out data "
+                 f"for train.eval_every={cfg.train.eval_every}: set data.eval_fraction > 0, data.eval_path, "
+                 "or train.eval_every=0")
+    if cfg.decode.max_length is not None:
+        limit = max_length_limit(d, m)
+        _require(cfg.decode.max_length <= limit, "decode.max_length",
+                 f"({cfg.decode.max_length}) must be <= {limit}: " + (
+                     f"the learned position table has model.max_length={m.max_length} rows"
+                     if m.positions == "learned" else
+                     f"the longer of model.max_length ({m.max_length}) and data.targets_length ({d.targets_length})"))
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """Every float key must be a finite number (YAML reads `.inf` and `.nan`)."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key `{key}` must be a finite number, got {value}")
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -12,7 +12,8 @@ and skipped, and an empty output line keeps the output aligned with the input. S
 than `data.inputs_length` tokens (EOS included) are truncated like in training. Newlines inside
 an output (a tokenizer can produce them) are written as the two characters `\\n`.
 
-Exit codes: 0 on success, 2 for a configuration problem or a workdir without checkpoints.
+Exit codes: 0 on success, 2 for a user error (configuration, a workdir without checkpoints, an
+input or output path that cannot be used): one line on stderr.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from trainer.checkpoint import committed_steps
 from trainer.config import ConfigError, load_config, parse_overrides
+from trainer.data.vocab import EOS_ID
 
 # Command-line keys of this command that are not config keys.
 _COMMAND_KEYS = ("input", "output", "checkpoint_step")
@@ -98,16 +100,40 @@ def main(argv: list[str] | None = None) -> int:
         if wanted is not None and wanted not in steps:
             raise ConfigError(f"checkpoint_step={wanted}: no such checkpoint in {directory} "
                               f"(steps: {', '.join(map(str, steps))})")
-        if options["input"] != "-" and not os.path.isfile(str(options["input"])):
-            raise ConfigError(f"input={options['input']}: file not found")
+        check_paths(options)
         return decode(cfg, options, directory, steps)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
+def check_paths(options: dict[str, Any]) -> None:
+    """`input=` must be a readable file (or `-`), `output=` a file path whose folder can be written."""
+    source = str(options["input"])
+    if source != "-":
+        if os.path.isdir(source):
+            raise ConfigError(f"input={source} is a directory; give a file with one source per line (or input=-)")
+        if not os.path.isfile(source):
+            raise ConfigError(f"input={source}: file not found")
+        if not os.access(source, os.R_OK):
+            raise ConfigError(f"input={source}: file is not readable")
+    out = options.get("output")
+    if out in (None, "", "-"):
+        return
+    out = str(out)
+    if os.path.isdir(out) or out.endswith(os.sep):
+        raise ConfigError(f"output={out} is a directory; give the path of the file to write")
+    probe = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"output={out}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output={out}: {probe} is not writable")
+
+
 def decode(cfg: Any, options: dict[str, Any], directory: str, steps: list[int]) -> int:
-    from trainer.setup import init_devices, logical_context, mesh_and_rules, sized_model_config
+    from trainer.setup import init_devices, logical_context, mesh_and_rules, resolve_vocab_size, sized_model_config
 
     init_devices(cfg)
 
@@ -130,15 +156,16 @@ def decode(cfg: Any, options: dict[str, Any], directory: str, steps: list[int]) 
             print(message, file=sys.stderr, flush=True)
 
     mesh, rules = mesh_and_rules(cfg)
+    try:
+        tokenizer = load_tokenizer(cfg.data, cfg.workdir)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"cannot load the run's tokenizer: {e}") from None
+    cfg = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer is not None else None)
     # The same vocabulary padding as training, so the parameter shapes match.
     model_cfg = sized_model_config(cfg, mesh, rules)
     max_length = resolve_max_length(cfg.decode, cfg.data, model_cfg)
     rows_multiple = axes_size("batch", rules, mesh) * jax.process_count()
     batch_size = -(-cfg.decode.batch_size // rows_multiple) * rows_multiple
-    try:
-        tokenizer = load_tokenizer(cfg.data, cfg.workdir)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"cannot load the run's tokenizer: {e}") from None
 
     # Input: read and tokenize everything first (bad lines are reported before any compile).
     source = options["input"]
@@ -207,20 +234,30 @@ def decode(cfg: Any, options: dict[str, Any], directory: str, steps: list[int]) 
             sys.stdout.flush()
         else:
             out = str(options["output"])
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            tmp = f"{out}.tmp.{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, out)
+            write_output(out, text)
             log(f"wrote {len(outputs)} line(s) to {out}")
     return 0
+
+
+def write_output(out: str, text: str) -> None:
+    """Writes `out` atomically (temporary file + rename); a failure leaves no temporary file behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except OSError as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)  # never leave a stray temporary file
+        raise ConfigError(f"output={out}: cannot write it ({e.strerror or e})") from None
 
 
 def _generated_lengths(tokens: Any) -> Any:
     """Tokens generated per row, EOS included (the whole row when there is no EOS)."""
     import numpy as np
 
-    is_eos = tokens == 1
+    is_eos = tokens == EOS_ID
     has = is_eos.any(axis=1)
     return np.where(has, is_eos.argmax(axis=1) + 1, tokens.shape[1])
 

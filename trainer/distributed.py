@@ -387,9 +387,32 @@ def initialize(cfg: DistributedConfig, *, cpu_devices: int | None = None) -> Res
         from jax._src import distributed as jax_distributed
 
         if getattr(jax_distributed.global_state, "client", None) is None:
+            missing = [k for k, v in (("distributed.coordinator", r.coordinator),
+                                      ("distributed.num_processes", r.num_processes),
+                                      ("distributed.process_id", r.process_id)) if v is None]
+            if missing and _jax_detects_cluster() is False:  # JAX could not fill them in: fail before joining
+                raise ValueError(f"{r.source}, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                                 f"unset and no cluster is detected; {_MISSING_HINT}")
             r.join_seconds = _connect(r)
     _log(startup_line(r))
     return r
+
+
+_MISSING_HINT = ("set distributed.coordinator=HOST:PORT, distributed.num_processes and distributed.process_id "
+                 "(or TRAINER_COORDINATOR, TRAINER_NUM_PROCESSES, TRAINER_PROCESS_ID), or run inside a cluster JAX "
+                 "detects (Slurm step, Open MPI, Cloud TPU)")
+
+
+def _jax_detects_cluster() -> bool | None:
+    """Whether JAX's own cluster auto-detection finds an environment; None when that cannot be asked."""
+    try:
+        import jax._src.clusters  # noqa: F401 - registers the cluster environments
+        from jax._src.clusters.cluster import ClusterEnv
+
+        return any(not getattr(env, "opt_in_only_method", False) and env.is_env_present()
+                   for env in ClusterEnv._cluster_types)
+    except Exception:  # noqa: BLE001 - JAX internals moved: let jax.distributed.initialize decide
+        return None
 
 
 def _connect(r: Resolved) -> float:
@@ -415,7 +438,12 @@ def _connect(r: Resolved) -> float:
     with _Watchdog(r.timeout, message):
         try:
             jax.distributed.initialize(**kwargs)
-        except (ValueError, TypeError, RuntimeError) as e:
+        except (ValueError, TypeError) as e:  # settings JAX cannot use: a configuration error
+            hint = (f"; {_MISSING_HINT}"
+                    if r.coordinator is None or r.num_processes is None or r.process_id is None else "")
+            raise ValueError(f"{r.source}: jax.distributed.initialize failed ({target}): "
+                             f"{str(e).strip().rstrip('.')}{hint}") from None
+        except RuntimeError as e:
             raise RuntimeError(f"[distributed] jax.distributed.initialize failed ({target}): {e}") from e
     return time.monotonic() - t0
 

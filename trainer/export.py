@@ -8,6 +8,8 @@ standalone Orbax checkpoint for inference, with the model config beside it:
     DIR/config.yaml   the run's resolved config
 
 The output folder must not exist yet: an export never overwrites anything.
+
+Exit codes: 0 on success, 2 for a user error (one line on stderr).
 """
 
 from __future__ import annotations
@@ -44,12 +46,34 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
         raise ConfigError(f"dtype must be float32 or bfloat16, got {options['dtype']!r}")
     if "checkpoint_step" in options and not options["checkpoint_step"].isdigit():
         raise ConfigError(f"checkpoint_step must be a step number, got {options['checkpoint_step']!r}")
+    # Everything that can be checked without devices, so a mistake never costs a restore.
+    from trainer.checkpoint import committed_steps
+
+    directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
+    steps = committed_steps(directory)
+    if not steps:
+        raise ConfigError(f"no checkpoints in {directory}: train the run first (checkpoint.save_final=true "
+                          "or checkpoint.every > 0)")
+    if "checkpoint_step" in options and int(options["checkpoint_step"]) not in steps:
+        raise ConfigError(f"checkpoint_step={options['checkpoint_step']}: no such checkpoint in {directory} "
+                          f"(steps: {', '.join(map(str, steps))})")
+    output = options.get("output")
+    if output:
+        if os.path.exists(output):
+            raise ConfigError(f"output={output} already exists; choose another folder (nothing is overwritten)")
+        probe = os.path.dirname(os.path.abspath(output))
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"output={output}: {probe} is not a writable directory")
+    elif options.get("output") is not None:
+        raise ConfigError("output= is empty; give a folder that does not exist yet (or leave output out)")
     return cfg, options
 
 
 def export(cfg: Any, options: dict[str, str]) -> str:
     """Restores the parameters onto this machine's devices and writes the export; returns its path."""
-    from trainer.setup import init_devices, logical_context, mesh_and_rules, sized_model_config
+    from trainer.setup import init_devices, logical_context, mesh_and_rules, resolve_vocab_size, sized_model_config
 
     init_devices(cfg)
 
@@ -63,12 +87,25 @@ def export(cfg: Any, options: dict[str, str]) -> str:
 
     # The export only needs to hold the parameters: FSDP over whatever devices are here.
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=1))
+    if cfg.model.vocab_size is None:  # a config that leaves it to the tokenizer: ask the (cached) tokenizer
+        from trainer.data import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(cfg.data, cfg.workdir)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"cannot load the run's tokenizer: {e}") from None
+        cfg = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer is not None else None)
     mesh, rules = mesh_and_rules(cfg)
     model_cfg = sized_model_config(cfg, mesh, rules)
     directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
     step = int(options["checkpoint_step"]) if "checkpoint_step" in options else None
+    from sharding.rules import RulesError
+
     with logical_context(mesh, rules):
-        spec = make_state_spec(model_cfg, make_optimizer(cfg.train)[0], mesh, rules, cfg.seed)
+        try:
+            spec = make_state_spec(model_cfg, make_optimizer(cfg.train)[0], mesh, rules, cfg.seed)
+        except RulesError as e:
+            raise ConfigError(str(e)) from None
         restored, step = restore_items(directory, {"params": abstract_with_shardings(spec)["params"]}, step)
     dtype = jnp.dtype(options.get("dtype", "float32"))
     params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,

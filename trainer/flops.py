@@ -1,4 +1,4 @@
-"""Model FLOPs and peak FLOP/s for MFU (DESIGN.md: every forward matmul, times 3)."""
+"""Model FLOPs and peak FLOP/s for MFU (docs/mfu.md: every forward matmul, times 3)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+MAX_SEED = 2**32 - 1
+MAX_BEAM_SIZE = 256
 EOS_ID = 1  # trainer/data/vocab.py: pad 0, eos 1 (the model's search takes it as an argument)
 PAD_ID = 0
 
@@ -55,10 +57,14 @@ class DecodeConfig:
             integer(field, minimum)
         if self.max_length is not None:
             integer("max_length", 1)
-        if not self.alpha >= 0:
-            fail("alpha", f"must be >= 0, got {self.alpha!r}")
-        if not self.temperature >= 0:
-            fail("temperature", f"must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.seed > MAX_SEED:
+            fail("seed", f"must be <= {MAX_SEED} (2**32 - 1), got {self.seed}")
+        if self.beam_size > MAX_BEAM_SIZE:
+            fail("beam_size", f"must be <= {MAX_BEAM_SIZE}, got {self.beam_size}")
+        if not 0 <= self.alpha < float("inf"):
+            fail("alpha", f"must be a finite number >= 0, got {self.alpha!r}")
+        if not 0 <= self.temperature < float("inf"):
+            fail("temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if self.beam_size > 1 and self.temperature > 0:
@@ -82,10 +88,22 @@ def resolve_max_length(decode_cfg: DecodeConfig, data_cfg: Any, model_cfg: Any) 
     from trainer.config import ConfigError  # here: trainer.config imports this module
 
     n = decode_cfg.max_length or data_cfg.targets_length
-    if model_cfg.positions == "learned" and n > model_cfg.max_length:
-        raise ConfigError(f"decode.max_length: {n} exceeds the learned position table "
-                         f"(model.max_length={model_cfg.max_length})")
+    limit = max_length_limit(data_cfg, model_cfg)
+    if n > limit:
+        raise ConfigError(f"decode.max_length: {n} exceeds {limit}, " + (
+            f"the learned position table (model.max_length={model_cfg.max_length})"
+            if model_cfg.positions == "learned" else
+            f"the longer of model.max_length ({model_cfg.max_length}) and data.targets_length "
+            f"({data_cfg.targets_length})"))
     return n
+
+
+def max_length_limit(data_cfg: Any, model_cfg: Any) -> int:
+    """The longest decode.max_length allowed: the learned position table's size, or (sinusoidal
+    positions, which have no table) the longer of model.max_length and data.targets_length."""
+    if model_cfg.positions == "learned":
+        return model_cfg.max_length
+    return max(model_cfg.max_length, data_cfg.targets_length)
 
 
 # ---------------------------------------------------------------------------------- generation

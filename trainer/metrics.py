@@ -27,9 +27,14 @@ TRAIN_SCALARS = {
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step and mirrors the scalars to TensorBoard."""
+    """Appends one JSON object per logged step and mirrors the scalars to TensorBoard.
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    Opening an existing metrics.jsonl repairs it first (`repair_jsonl`): a partial last line (a
+    crash mid-write) is dropped, and with `resume_step=S` (the step the run resumes from) so are
+    records of steps after S, which the resumed run logs again; so no step is ever logged twice.
+    """
+
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
@@ -38,10 +43,13 @@ class MetricsWriter:
         os.makedirs(workdir, exist_ok=True)
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
         self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        repair_jsonl(self.jsonl_path, resume_step)
         self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
         from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
 
-        self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=10)
+        # TensorBoard likewise hides the events of steps after the resume point.
+        purge = resume_step + 1 if resume_step is not None and os.path.isdir(self.tensorboard_dir) else None
+        self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=10, purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
         """`record` needs `step` and `split`; floats are written at full precision."""
@@ -68,6 +76,43 @@ class MetricsWriter:
             self._tb.close()
 
 
+def repair_jsonl(path: str, resume_step: int | None = None) -> int:
+    """Makes `path` safe to append to; returns how many lines were dropped.
+
+    Drops a partial last line (no trailing newline: the writer was killed mid-line), and, when
+    `resume_step` is given, every record whose `step` is greater (logged after the checkpoint
+    the run resumes from: the resumed run logs those steps again). Complete lines that are not
+    JSON are kept as they are. The file is rewritten atomically (temporary file + rename).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    lines = data.split(b"\n")
+    partial = lines.pop()  # b"" when the file ends with a newline
+    kept = []
+    for line in lines:
+        if resume_step is not None and line.strip():
+            try:
+                record = json.loads(line)
+                step = record.get("step") if isinstance(record, dict) else None
+            except ValueError:
+                step = None
+            if isinstance(step, (int, float)) and not isinstance(step, bool) and step > resume_step:
+                continue
+        kept.append(line)
+    dropped = len(lines) - len(kept) + (1 if partial else 0)
+    if dropped:
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(b"".join(line + b"\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "?"
@@ -88,7 +133,10 @@ class Console:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            print(message, file=self.stream, flush=True)
+            try:
+                print(message, file=self.stream, flush=True)
+            except BrokenPipeError:  # the reader went away (`| head`): drop console lines, keep training
+                self.enabled = False
 
     def progress(self, step: int, loss: float, tokens_per_sec: float | None, mfu: float | None,
                  step_time: float | None) -> None:

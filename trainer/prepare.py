@@ -15,6 +15,8 @@ parallel worker processes, and writes to DIR:
 
 Then train with `data.source=arrayrecord data.path=DIR`. Records are a small
 binary format (trainer.data.sources.encode_record), never pickles.
+
+Exit codes: 0 on success, 2 for a user error (one line on stderr, nothing written).
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def prepare(
         raise FileExistsError(f"--out: {out} already holds a {S.MANIFEST}; choose a new directory")
     S.check(cfg)
     t0 = time.time()
-    source = S.make_source(cfg, vocab_size=None, workdir=None)
+    source = S.make_source(cfg, vocab_size=None)
     tok = source.tokenizer
     os.makedirs(out, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out, prefix=".prepare-")
@@ -186,8 +188,28 @@ def prepare(
     return manifest
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit code 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def check_out(out: str) -> None:
+    """`--out` must be a directory (new or existing) that can be written; nothing is created here."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out: {out} is a file, not a directory")
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"--out: {out} cannot be created: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out: {out} cannot be written ({probe} is not writable)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = _ArgumentParser(
         prog="python -m trainer.prepare",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -200,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import ConfigError, load_config
 
     try:
+        if args.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        if args.records_per_shard < 1:
+            raise ValueError(f"--records-per-shard must be >= 1, got {args.records_per_shard}")
+        check_out(args.out)
         cfg = load_config(rest).data
         m = prepare(
             cfg, args.out, workers=args.workers, records_per_shard=args.records_per_shard, progress=not args.no_progress

@@ -19,9 +19,63 @@ def init_devices(cfg: Config) -> None:
 
     from trainer import distributed
 
-    if cfg.runtime.platform:
-        jax.config.update("jax_platforms", cfg.runtime.platform)
-    distributed.initialize(cfg.distributed, cpu_devices=cfg.runtime.cpu_devices)
+    platform = cfg.runtime.platform
+    if platform:
+        jax.config.update("jax_platforms", platform)
+    try:
+        distributed.initialize(cfg.distributed, cpu_devices=cfg.runtime.cpu_devices)
+        if platform:
+            jax.devices()  # a platform this machine lacks fails here, not at the first compile
+    except ValueError as e:  # settings (config or environment) that cannot work
+        raise ConfigError(str(e)) from None
+    except RuntimeError as e:
+        text = str(e)
+        if platform and ("backend" in text.lower() or "platform" in text.lower()):
+            raise ConfigError(f"config key `runtime.platform` is {platform!r}, which JAX cannot use on this machine "
+                              f"({text.splitlines()[0] if text else type(e).__name__})") from None
+        raise
+
+
+def resolve_vocab_size(cfg: Config, tokenizer_vocab_size: int | None) -> Config:
+    """`cfg` with model.vocab_size filled in from the tokenizer (when unset), or the mismatch error.
+
+    `tokenizer_vocab_size` is None for data without a tokenizer (synthetic ids), where
+    model.vocab_size must be given (the config validation asks for it).
+    """
+    given = cfg.model.vocab_size
+    if tokenizer_vocab_size is None:
+        if given is None:
+            raise ConfigError("config key `model.vocab_size` must be set: data.source=synthetic has no tokenizer "
+                              "to take the vocabulary size from")
+        return cfg
+    if given is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=int(tokenizer_vocab_size)))
+    if given != tokenizer_vocab_size:
+        raise ConfigError(f"config key `model.vocab_size` is {given} but the tokenizer (data.tokenizer="
+                          f"{cfg.data.tokenizer}) has {tokenizer_vocab_size} ids; remove model.vocab_size (it "
+                          f"defaults to the tokenizer's size) or set model.vocab_size={tokenizer_vocab_size}")
+    return cfg
+
+
+def check_workdir(workdir: str) -> None:
+    """A workdir that cannot hold a run (a file, or not writable) is a ConfigError; nothing is created."""
+    import os
+
+    if not str(workdir).strip():
+        raise ConfigError("config key `workdir` must not be empty")
+    path = os.path.abspath(workdir)
+    probe = path
+    while not os.path.lexists(probe):  # the first existing ancestor is where the run's folders get created
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    what = "workdir" if probe == path else f"workdir's parent {probe}"
+    if not os.path.isdir(probe):
+        raise ConfigError(f"config key `workdir` is {workdir!r}, but {what} is "
+                          f"{'a file' if os.path.exists(probe) else 'not a directory'}, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key `workdir` is {workdir!r}, but {what} is not writable")
 
 
 def mesh_and_rules(cfg: Config, devices: Sequence[Any] | None = None) -> tuple[Any, Any]:

@@ -12,9 +12,6 @@ from flax import nnx
 
 from trainer.state import TrainState
 
-BATCH_KEYS = ("inputs", "targets", "inputs_segment_ids", "targets_segment_ids",
-              "inputs_positions", "targets_positions")
-
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, *, vocab_size: int,
                   label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -108,11 +105,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_scale: jax.A
         "loss": loss,
         "accuracy": correct / denom,
         "grad_norm": grad_norm,
-        "learning_rate": schedule(step),
-        "target_tokens": weight_sum,
+        # The rate this update used: the optimizer's own count, which skipped updates
+        # (train.on_nonfinite=skip) do not advance, unlike `step`.
+        "learning_rate": schedule(_schedule_count(state["opt_state"], step)),
         "finite": finite,
     }
     return new_state, metrics
+
+
+def _schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
+    """The update count the optimizer's learning-rate schedule reads (optax's ScaleByScheduleState)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+             if isinstance(x, optax.ScaleByScheduleState)]
+    return found[0].count if found else default
 
 
 def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, vocab_size: int) -> dict[str, jax.Array]:

@@ -15,29 +15,85 @@ from typing import Any
 from trainer.config import Config, ConfigError, dump_yaml, load_config
 
 
+# Exit codes of `python -m trainer.train` (README, "Exit codes"); 3 is a distributed join timeout
+# (trainer.distributed.INIT_TIMEOUT_EXIT_CODE).
+EXIT_CONFIG = 2  # a user or configuration error: one line on stderr, before anything compiles
+EXIT_NONFINITE = 4  # train.on_nonfinite=stop hit a non-finite loss or gradient
+EXIT_DISK_FULL = 5  # no space left on the device while writing the workdir (checkpoint, metrics)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from trainer.setup import check_workdir
+
+    cfg = None
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    try:
+        check_workdir(cfg.workdir)
         train(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except Exception as e:
+        full = disk_full_message(e, cfg.workdir if cfg is not None else ".")
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return EXIT_DISK_FULL
     return 0
+
+
+def disk_full_message(error: BaseException, workdir: str) -> str | None:
+    """One line naming the path and the free bytes when `error` (or what caused it) is ENOSPC."""
+    import errno
+    import shutil
+
+    seen = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            path = os.path.abspath(os.fsdecode(e.filename) if e.filename else workdir)
+            probe = path
+            while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+                probe = os.path.dirname(probe)
+            try:
+                free = f"{shutil.disk_usage(probe).free:,} bytes free"
+            except OSError:
+                free = "free space unknown"
+            return (f"no space left on device writing {path} ({free} on that file system); free some space "
+                    f"and rerun: training resumes from the last checkpoint in {os.path.abspath(workdir)}")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
     """Runs training as configured; returns the last logged train and eval metrics.
 
     `devices` restricts the mesh to some of the devices (tests compare meshes in one process).
+    The workdir is locked for the run (one run per workdir, trainer.workdir) and unlocked at its end.
     """
+    import contextlib
+
+    with contextlib.ExitStack() as cleanup:
+        return _train(cfg, devices=devices, cleanup=cleanup)
+
+
+def _train(cfg: Config, *, devices: list | None, cleanup: Any) -> dict[str, Any]:
     # Devices first: simulated CPU devices and jax.distributed must be set before JAX starts.
-    from trainer.setup import init_devices, logical_context, mesh_and_rules, sized_model_config
+    from trainer.setup import init_devices, logical_context, mesh_and_rules, resolve_vocab_size, sized_model_config
 
     init_devices(cfg)
+
+    # One run per workdir: locked before anything is written there or the checkpoints are opened
+    # (their start-up clean-up would delete a live run's in-flight save); ConfigError when taken.
+    from trainer.workdir import lock_workdir
+
+    workdir_lock = lock_workdir(cfg.workdir)
+    if workdir_lock is not None:
+        cleanup.callback(workdir_lock.release)
 
     import jax
     import numpy as np
@@ -46,6 +102,9 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
     from sharding.state import batch_sharding
     from trainer import checkpoint as ckpt
     from trainer.data import build_pipeline, check_sources
+    from trainer.data.stream import DataError
+    from trainer.preemption import PreemptionWatch
+    from trainer.profiling import StepProfiler
     from trainer.flops import model_flops_per_step, peak_flops_per_device
     from trainer.metrics import Console, MetricsWriter
     from trainer.optim import make_optimizer
@@ -60,7 +119,6 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
     check_batch(cfg, axes_size("batch", rules, mesh), jax.process_count())
     console.log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices "
                 f"({jax.process_count()} process(es), {jax.local_device_count()} local)")
-    model_cfg = sized_model_config(cfg, mesh, rules)
 
     # Data: sources are checked before anything is compiled.
     try:
@@ -68,11 +126,17 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     pipeline_args = dict(global_batch_size=cfg.train.batch_size, seed=cfg.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count(), vocab_size=cfg.model.vocab_size, workdir=cfg.workdir)
-    train_data = build_pipeline(cfg.data, split="train", **pipeline_args)
-    if train_data.vocab_size != cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size ({cfg.model.vocab_size}) does not match the tokenizer's vocabulary "
-                          f"size ({train_data.vocab_size}); set model.vocab_size={train_data.vocab_size}")
+                         process_count=jax.process_count(), vocab_size=cfg.model.vocab_size)
+    try:
+        train_data = build_pipeline(cfg.data, split="train", **pipeline_args)
+    except (ValueError, FileNotFoundError) as e:  # e.g. a vocabulary the corpus cannot support
+        raise ConfigError(str(e)) from None
+    # model.vocab_size defaults to the tokenizer's size (an explicit one must equal it); config.yaml
+    # records the resolved value.
+    cfg = resolve_vocab_size(cfg, train_data.vocab_size if train_data.tokenizer is not None else None)
+    pipeline_args["vocab_size"] = cfg.model.vocab_size
+    pipeline_args["sources"] = train_data.source_set  # eval and generation reuse the tokenizer and indexes
+    model_cfg = sized_model_config(cfg, mesh, rules)
 
     # MFU's denominator. Simulated CPU devices share the host's cores: the peak is per host.
     flops = model_flops_per_step(model_cfg, cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length)
@@ -87,14 +151,23 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
             spec = make_state_spec(model_cfg, tx, mesh, rules, cfg.seed)
         except RulesError as e:
             raise ConfigError(str(e)) from None
+        from trainer.memory import check_state_fits
+
+        check_state_fits(spec, mesh)  # a state too large for the devices: ConfigError before allocating
+        # Restore first: a checkpoint of another model is a ConfigError that leaves the workdir
+        # untouched; a resume with changed settings keeps the old config.yaml as config.STEP.yaml.
+        manager = ckpt.CheckpointManager(cfg, spec, mesh)
+        state, data_state = manager.restore_or_init(create_state)
+        if data_state is not None:
+            try:  # the global position: any number of processes continues at the next global batch
+                train_data.set_state(data_state)
+            except DataError as e:
+                raise ConfigError(f"{manager.directory}: {e}") from None
         if is_main:
             os.makedirs(cfg.workdir, exist_ok=True)
             # As run: with the tokenizer the pipeline resolved (trained or cached) filled in.
             _write_atomic(os.path.join(cfg.workdir, "config.yaml"),
                           dump_yaml(dataclasses.replace(cfg, data=train_data.data_config)))
-        manager = ckpt.CheckpointManager(cfg, spec, mesh)
-        state, data_state = manager.restore_or_init(create_state)
-        _restore_data_state(train_data, data_state)
         start_step = int(jax.device_get(state["step"]))
         console.log(f"model: {count_params(state['params']) / 1e6:.2f}M parameters "
                     f"(vocab {cfg.model.vocab_size} padded to {model_cfg.padded_vocab_size})"
@@ -109,7 +182,7 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
         eval_fn = jit_eval_step(spec.graphdef, vocab_size=cfg.model.vocab_size,
                                 param_shardings=spec.param_shardings, batch_sharding=inputs_sharding)
 
-        writer = MetricsWriter(cfg.workdir, enabled=is_main)
+        writer = MetricsWriter(cfg.workdir, enabled=is_main, resume_step=start_step)
         if is_main:
             console.log(f"workdir: {os.path.abspath(cfg.workdir)}\n"
                         f"tensorboard: tensorboard --logdir {os.path.abspath(writer.tensorboard_dir)} --host localhost")
@@ -149,61 +222,88 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
                            f"{record['chrf']:.2f}" if gen_eval is not None else ""))
             return record
 
-        stop = ckpt.PreemptionWatch()
+        stop = PreemptionWatch()
+        profiler = StepProfiler(cfg.train.profile_steps, os.path.join(cfg.workdir, "tensorboard"),
+                                all_processes=cfg.train.profile_all_processes)
         last: dict[str, Any] = {}
         tokens_per_step = cfg.train.batch_size * (cfg.data.inputs_length + cfg.data.targets_length)
         skipped = 0
         timer = _StepTimer()
         step = start_step
-        data_iter = iter(train_data)
-        next_batch = to_global(next(data_iter)) if step < cfg.train.steps else None
-        while step < cfg.train.steps:
-            loss_scale = np.float32(np.inf if step + 1 == cfg.train.debug_nonfinite_step else 1.0)
-            state, metrics = step_fn(state, next_batch, loss_scale)
-            step += 1
-            save_now = manager.should_save(step) or (step == cfg.train.steps and cfg.checkpoint.save_final)
-            data_state = train_data.get_state() if save_now or stop.requested else None
-            # Load the next batch while the step runs, then wait for this step's numbers.
-            next_batch = to_global(next(data_iter)) if step < cfg.train.steps else None
+
+        def fetch() -> tuple[dict[str, jax.Array], dict[str, Any]]:
+            """The next batch and the data position right after it (saved with a step that trained it)."""
+            local = next(train_data)
+            return to_global(local), train_data.get_state()
+
+        def report(done: int, metrics: dict[str, jax.Array]) -> None:
+            """Step `done`'s numbers on the host: non-finite handling, logging (MaxText's one-step-late read)."""
+            nonlocal skipped
             host = jax.device_get(metrics)
-            timer.tick(step)
+            profiler.after_step(done)
+            timer.tick(done)
             if not bool(host["finite"]):
                 if cfg.train.on_nonfinite == "stop":
                     manager.close()
                     raise FloatingPointError(
-                        f"non-finite loss or gradient at step {step} (loss {float(host['loss'])}, grad_norm "
+                        f"non-finite loss or gradient at step {done} (loss {float(host['loss'])}, grad_norm "
                         f"{float(host['grad_norm'])}); the last good checkpoint is kept in {manager.directory}. "
                         f"Set train.on_nonfinite=skip to skip such updates instead.")
                 skipped += 1
-                console.log(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                console.log(f"step {done}: non-finite loss or gradient, update skipped ({skipped} so far)")
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 step_time = timer.mean()  # None until a step has been timed (the first one compiles)
                 tps = tokens_per_step / step_time if step_time else None
-                record = {"step": step, "split": "train", "loss": float(host["loss"]),
+                record = {"step": done, "split": "train", "loss": float(host["loss"]),
                           "accuracy": float(host["accuracy"]), "learning_rate": float(host["learning_rate"]),
                           "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
                           "per_device_tokens_per_sec": tps and tps / mesh.devices.size,
                           "per_device_tflops_per_sec": step_time and flops / step_time / mesh.devices.size / 1e12,
                           "step_time_s": step_time, "mfu": step_time and flops / step_time / peak_total,
                           "skipped_steps": skipped}
-                record.update(train_data.stats)
+                record.update(_data_stats(train_data))
                 writer.write(record)
-                console.progress(step, record["loss"], tps, record["mfu"], step_time)
+                console.progress(done, record["loss"], tps, record["mfu"], step_time)
                 last["train"] = record
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+
+        # `position` always belongs to the last batch trained, whenever a save happens.
+        position = train_data.get_state()
+        batch, batch_position = fetch() if step < cfg.train.steps else (None, None)
+        unread = None  # (step, metrics): dispatched, numbers not read yet
+        while step < cfg.train.steps:
+            loss_scale = np.float32(np.inf if step + 1 == cfg.train.debug_nonfinite_step else 1.0)
+            profiler.before_step(step + 1)
+            state, metrics = step_fn(state, batch, loss_scale)
+            step += 1
+            position = batch_position
+            # Load the next batch while the step runs; then read the previous step's numbers, so the
+            # device always has the next step queued and the host never stalls it.
+            if step < cfg.train.steps:
+                batch, batch_position = fetch()
+            if unread is not None:
+                report(*unread)
+            unread = (step, metrics)
+            save_now = manager.should_save(step) or (step == cfg.train.steps and cfg.checkpoint.save_final)
+            eval_now = bool(cfg.train.eval_every) and (step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+            preempted = stop.reached(step)
+            if save_now or eval_now or preempted or step == cfg.train.steps:
+                report(*unread)  # a boundary waits for its own step: never saves or evaluates unchecked numbers
+                unread = None
+            if eval_now:
                 last["eval"] = run_eval(step)
                 timer.pause()
-            preempted = stop.reached(step)
             if save_now or preempted:
-                manager.save(step, state, data_state if data_state is not None else train_data.get_state(),
-                             force=True)
+                manager.save(step, state, position, force=True)
                 timer.pause()  # the blocking part of an async save is not a train step
             if preempted:
+                stop.close()
                 manager.close()
                 writer.close()
                 train_data.close()
                 console.log(f"preempted: saved a checkpoint at step {step} in {manager.directory}; exiting")
                 return last
+        profiler.stop()
+        stop.close()
         manager.close()
         writer.close()
         train_data.close()
@@ -211,20 +311,20 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
         return last
 
 
-def _restore_data_state(pipeline: Any, data_state: dict[str, Any] | None) -> None:
-    """Puts the input pipeline where the checkpoint left it.
+def _data_stats(pipeline: Any) -> dict[str, Any]:
+    """The input pipeline's figures summed over every process (one small all-gather per log)."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
 
-    A checkpoint from a different number of processes carries no usable per-process state; the
-    pipeline is then replayed for the number of steps already trained, which yields exactly
-    the batches an uninterrupted run with this process count would see next.
-    """
-    if data_state is None:
-        return
-    if "fast_forward_batches" in data_state:
-        for _ in range(int(data_state["fast_forward_batches"])):
-            next(pipeline)
-        return
-    pipeline.set_state(data_state)
+    from trainer.data.pipeline import derive_stats
+
+    counters = pipeline.counters
+    if jax.process_count() > 1:
+        keys = sorted(counters)
+        summed = multihost_utils.process_allgather(np.array([counters[k] for k in keys], np.int64)).sum(axis=0)
+        counters = dict(zip(keys, (int(v) for v in summed)))
+    return derive_stats(counters, pipeline.sources)
 
 
 class _StepTimer:
@@ -269,4 +369,6 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from trainer.lifecycle import run_main
+
+    run_main(main)  # sys.exit(main()), surviving a closed stdout, with a deadline on the exit

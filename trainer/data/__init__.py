@@ -4,7 +4,7 @@ Public API:
   DataConfig                          the `data.*` config (config.py; validate() names data.<field>)
   check_sources(cfg)                  early checks: paths exist, files non-empty and not entirely bad
   build_pipeline(cfg, *, split, global_batch_size, seed, process_index, process_count,
-                 vocab_size, workdir) -> Pipeline
+                 vocab_size) -> Pipeline
   Pipeline                            iterator of per-process batches {inputs, targets,
                                       *_segment_ids, *_positions} int32 [B/P, length];
                                       get_state()/set_state() (JSON), stats (flat dict),
@@ -45,7 +45,8 @@ def check_sources(cfg: DataConfig) -> None:
     Cheap for synthetic/embedded; reads (and caches the index of) tsv/jsonl files once.
     """
     cfg.validate()
-    _sources.check(cfg)
+    for _, _, c in cfg.sources():
+        _sources.check(c)
 
 
 def load_tokenizer(cfg: DataConfig, workdir: str | None = None) -> Tokenizer | None:
@@ -63,25 +64,29 @@ def build_pipeline(
     process_index: int = 0,
     process_count: int = 1,
     vocab_size: int | None = None,
-    workdir: str | None = None,
+    sources: tuple[list, list[float]] | None = None,
 ) -> Pipeline:
     """Builds the `split` ("train" | "eval") pipeline for this process.
 
     `vocab_size` is the model's: synthetic data draws ids below it; for the other
-    sources it must equal the tokenizer's vocab size (ValueError naming both).
+    sources it must equal the tokenizer's vocab size (ValueError naming both). `sources`: the
+    (sources, weights) of another pipeline of the same run (`Pipeline.source_set`), reused.
     """
     cfg.validate()
-    source = _sources.make_source(cfg, vocab_size=vocab_size, workdir=workdir)
+    sources, weights = sources or _sources.make_sources(cfg, vocab_size=vocab_size)
+    source = sources[0]
     if vocab_size is not None and source.vocab_size != vocab_size:
         raise ValueError(
             f"model.vocab_size={vocab_size} does not match the tokenizer's vocab size "
             f"{source.vocab_size} (data.tokenizer={cfg.tokenizer}"
             + (f", {source.tokenizer.path}" if source.tokenizer is not None and source.tokenizer.path else "")
-            + ")"
+            + "); leave model.vocab_size unset (it defaults to the tokenizer's size) or set it to "
+            + f"{source.vocab_size}"
         )
     return Pipeline(
         cfg,
-        source,
+        sources,
+        weights,
         split=split,
         global_batch_size=global_batch_size,
         seed=seed,

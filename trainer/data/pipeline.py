@@ -1,197 +1,174 @@
-"""The Grain pipeline: source -> shuffle -> shard -> repeat -> examples -> pack/pad -> batch."""
+"""The input pipeline: this process's rows of every global batch, as numpy arrays.
+
+Train: endless, packed (or padded) rows in the global order of `trainer.data.stream`, built
+ahead of the train step by a thread (or by `data.workers` processes, each owning some rows);
+every batch carries the position after it, so a checkpoint saves exactly where training is.
+Eval: one pass over the held-out examples in order, one example per row, padded at the end.
+"""
 
 from __future__ import annotations
 
-import atexit
-import dataclasses
+import ctypes
 import math
-import weakref
+import multiprocessing
 import os
+import queue
+import signal
 import sys
-from typing import Any
+import threading
+from typing import Any, Sequence
 
-import grain
 import numpy as np
 
-from trainer.data import sources as sources_lib
 from trainer.data.config import DataConfig
-from trainer.data.vocab import EOS_ID, Tokenizer
+from trainer.data.stream import DataError, ExampleMaker, RowBuilder, SlotState, layout_row
+from trainer.data.vocab import Tokenizer
 
 FEATURES = ("inputs", "targets")
 BATCH_KEYS = ("inputs", "targets", "inputs_segment_ids", "targets_segment_ids", "inputs_positions", "targets_positions")
-# Per-example bookkeeping carried through packing and batching so the counts are
-# right even when the transforms run in Grain worker processes.
-_META = ("_n_truncated", "_n_dropped", "_n_bad_records")
+STATE_VERSION = 2
 
 
-class _Examples:
-    """record -> {"inputs", "targets"} with eos appended, fitted to the lengths.
+def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}
 
-    Overlong examples are truncated (eos kept) or marked for dropping; the marks
-    become counts in `_CountDropped`.
-    """
 
-    def __init__(self, make_example, inputs_length: int, targets_length: int, overlong: str):
-        self._make = make_example
-        self._lengths = {"inputs": inputs_length, "targets": targets_length}
-        self._drop = overlong == "drop"
+def _build_rows(builder: RowBuilder, slots: dict[int, SlotState], lengths: tuple[int, int]):
+    """One batch's rows for `slots` (in row order), the slots' states after it, and its counts."""
+    before = dict(builder.maker.counts)
+    rows, after, per_source, truncated = [], {}, {}, 0
+    for r in sorted(slots):
+        examples, after[r] = builder.row(r, slots[r])
+        rows.append(layout_row(examples, lengths))
+        for ex in examples:
+            per_source[ex.source] = per_source.get(ex.source, 0) + 1
+            truncated += ex.truncated
+    counts = {k: builder.maker.counts[k] - before[k] for k in ("dropped", "bad_records")}
+    counts["truncated"] = truncated
+    return rows, after, per_source, counts
 
-    def __call__(self, record, rng: np.random.Generator):
+
+class _ThreadProducer:
+    """Builds batches ahead in a thread; each item is (rows, slot states after them, counts)."""
+
+    def __init__(self, builder: RowBuilder, slots: dict[int, SlotState], lengths: tuple[int, int], depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(builder, dict(slots), lengths), daemon=True,
+                                        name="input-pipeline")
+        self._thread.start()
+
+    def _run(self, builder, slots, lengths):
         try:
-            ex = self._make(record, rng)
-        except Exception:  # a corrupt record must not stop a run: skip it and count it
-            return {
-                "inputs": np.zeros(1, np.int32),
-                "targets": np.zeros(1, np.int32),
-                "_n_truncated": np.int32(0),
-                "_n_dropped": np.int32(0),
-                "_n_bad_records": np.int32(1),
-            }
-        out = {}
-        overlong = False
-        for k in FEATURES:
-            ids = np.asarray(ex[k], dtype=np.int32)
-            limit = self._lengths[k] - 1
-            if ids.shape[0] > limit:
-                overlong = True
-                ids = ids[:limit]
-            out[k] = np.concatenate([ids, np.array([EOS_ID], np.int32)])
-        out["_n_truncated"] = np.int32(overlong and not self._drop)
-        out["_n_dropped"] = np.int32(overlong and self._drop)
-        out["_n_bad_records"] = np.int32(0)
-        return out
+            while not self._stop.is_set():
+                item = _build_rows(builder, slots, lengths)
+                slots = item[1]
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            self._queue.put(e)
+
+    def get(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
 
-class _CountDropped(grain.IterDataset):
-    """Skips examples marked dropped (or bad) and adds their counts to the next kept example."""
-
-    def __init__(self, parent: grain.IterDataset):
-        super().__init__(parent)
-
-    def __iter__(self):
-        return _CountDroppedIterator(self._parent.__iter__())
-
-    def __str__(self):
-        return "_CountDropped"
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the trainer that started it dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
-class _CountDroppedIterator(grain.DatasetIterator):
-    def __init__(self, parent):
-        super().__init__(parent)
-        self._pending = {"_n_dropped": 0, "_n_bad_records": 0}
-
-    def __next__(self):
-        while True:
-            ex = next(self._parent)
-            if ex["_n_dropped"] or ex["_n_bad_records"]:
-                for k in self._pending:
-                    self._pending[k] += int(ex[k])
-                continue
-            ex = dict(ex)
-            for k in self._pending:
-                ex[k] = np.int32(self._pending[k])
-                self._pending[k] = 0
-            return ex
-
-    def get_state(self):
-        return {"parent": self._parent.get_state(), "pending": dict(self._pending)}
-
-    def set_state(self, state):
-        self._parent.set_state(state["parent"])
-        self._pending = {k: int(v) for k, v in state["pending"].items()}
+def _worker_main(builder, slots, lengths, out, stop, parent_pid) -> None:
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+    try:
+        while not stop.is_set():
+            item = _build_rows(builder, slots, lengths)
+            slots = item[1]
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+    except BaseException as e:  # noqa: BLE001
+        out.put(DataError(f"input worker: {type(e).__name__}: {e}"))
 
 
-def _sum_meta(packed: dict) -> dict:
-    """After packing (one row): the list of per-example counts -> their int32 sum."""
-    out = dict(packed)
-    for k in _META:
-        out[k] = np.int32(sum(int(v) for v in packed[k]))
-    return out
+class _WorkerProducer:
+    """`workers` processes, worker w building the rows of every w-th local slot."""
 
+    def __init__(self, builder: RowBuilder, slots: dict[int, SlotState], lengths: tuple[int, int], workers: int,
+                 depth: int):
+        ctx = multiprocessing.get_context("spawn")
+        order = sorted(slots)
+        self._parts = [order[w::workers] for w in range(workers) if order[w::workers]]
+        self._stop = ctx.Event()
+        self._queues = [ctx.Queue(maxsize=depth) for _ in self._parts]
+        self._procs = [ctx.Process(target=_worker_main, daemon=True, name=f"input-worker-{w}",
+                                   args=(builder, {r: slots[r] for r in part}, lengths, q, self._stop, os.getpid()))
+                       for w, (part, q) in enumerate(zip(self._parts, self._queues))]
+        for p in self._procs:
+            p.start()
 
-class _Pad:
-    """Unpacked layout: one example per row, padded, segment id 1, positions 0..n-1."""
+    def get(self):
+        rows, after, per_source, counts = {}, {}, {}, {}
+        for part, q in zip(self._parts, self._queues):
+            while True:
+                try:
+                    item = q.get(timeout=5)
+                    break
+                except queue.Empty:
+                    dead = [p.name for p in self._procs if not p.is_alive()]
+                    if dead:
+                        raise DataError(f"input worker process(es) {', '.join(dead)} died")
+            if isinstance(item, BaseException):
+                raise item
+            part_rows, part_after, part_sources, part_counts = item
+            rows.update(zip(part, part_rows))
+            after.update(part_after)
+            for k, v in part_sources.items():
+                per_source[k] = per_source.get(k, 0) + v
+            for k, v in part_counts.items():
+                counts[k] = counts.get(k, 0) + v
+        return [rows[r] for r in sorted(rows)], after, per_source, counts
 
-    def __init__(self, inputs_length: int, targets_length: int):
-        self._lengths = {"inputs": inputs_length, "targets": targets_length}
-
-    def __call__(self, ex: dict) -> dict:
-        out = {k: ex[k] for k in _META}
-        for k in FEATURES:
-            n, length = ex[k].shape[0], self._lengths[k]
-            v = np.zeros(length, np.int32)
-            v[:n] = ex[k]
-            seg = np.zeros(length, np.int32)
-            seg[:n] = 1
-            pos = np.zeros(length, np.int32)
-            pos[:n] = np.arange(n, dtype=np.int32)
-            out[k], out[f"{k}_segment_ids"], out[f"{k}_positions"] = v, seg, pos
-        return out
-
-
-def _ensure_absl_flags_parsed():
-    # Grain's worker processes read absl flags; unparsed flags raise in the workers.
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
-class _GlobalBatchRows(grain.MapDataset):
-    """Process `index`'s rows of each global batch of `rows * count` consecutive elements.
-
-    An epoch keeps the largest multiple of the global batch (the few left-over elements
-    of the shuffled order are dropped; the next epoch reshuffles), so every process sees
-    the same number of batches and no row is read by two processes.
-    """
-
-    def __init__(self, parent: grain.MapDataset, index: int, count: int, rows: int):
-        super().__init__(parent)
-        self._parent_length = len(parent)
-        self._index, self._count, self._rows = index, count, rows
-        self._length = (self._parent_length // (rows * count)) * rows
-        if self._length == 0:
-            raise ValueError(
-                f"{self._parent_length} train examples cannot fill one global batch of "
-                f"{rows * count} (train.batch_size)"
-            )
-
-    def __len__(self) -> int:
-        return self._length
-
-    def _parent_index(self, index: int) -> int:
-        epoch, offset = divmod(index, self._length)
-        block, row = divmod(offset, self._rows)
-        return epoch * self._parent_length + block * self._rows * self._count + self._index * self._rows + row
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        return self._parent[self._parent_index(index)]
-
-    def __str__(self) -> str:
-        return f"_GlobalBatchRows(process {self._index} of {self._count}, {self._rows} rows)"
+    def close(self) -> None:
+        self._stop.set()
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        for q in self._queues:
+            q.cancel_join_thread()
+            q.close()
 
 
 class Pipeline:
-    """Per-process batches as dicts of int32 numpy arrays [batch // process_count, length].
+    """Per-process batches: dicts of int32 arrays [train.batch_size // process_count, length].
 
-    `train`: endless, reshuffled every epoch. `eval`: one pass over this process's
-    share of the held-out set; every process yields the same number of batches
-    (`num_batches`); missing rows are all zeros (segment id 0 = padding, weight 0).
+    `get_state()` is the position after the last batch returned (JSON); `set_state` takes it,
+    or the list of every process's states from a checkpoint written by any number of processes.
     """
 
-    def __init__(
-        self,
-        cfg: DataConfig,
-        source: sources_lib.Source,
-        *,
-        split: str,
-        global_batch_size: int,
-        seed: int,
-        process_index: int,
-        process_count: int,
-    ):
+    def __init__(self, cfg: DataConfig, sources: Sequence[Any], weights: Sequence[float], *, split: str,
+                 global_batch_size: int, seed: int, process_index: int, process_count: int):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         if not 0 <= process_index < process_count:
@@ -199,134 +176,101 @@ class Pipeline:
         if global_batch_size % process_count:
             raise ValueError(f"train.batch_size={global_batch_size} is not divisible by the {process_count} processes")
         self.config = cfg
-        self.source = source
+        self.sources = list(sources)
+        self.source_set = (self.sources, list(weights))  # for the run's other pipelines (eval)
         self.split = split
         self.seed = seed
         self.process_index, self.process_count = process_index, process_count
+        self.global_batch_size = global_batch_size
         self.batch_size = global_batch_size // process_count
-        self.tokenizer: Tokenizer | None = source.tokenizer
-        self.vocab_size: int = source.vocab_size
-        # The config as run: `tokenizer_path` filled in with the model actually used, so
-        # writing this into the run's config.yaml records (and pins) the tokenizer.
-        self.data_config = cfg
-        if self.tokenizer is not None and self.tokenizer.path and cfg.source != "arrayrecord":
-            self.data_config = dataclasses.replace(cfg, tokenizer_path=os.path.abspath(self.tokenizer.path))
-        if process_index == 0 and split == "train" and hasattr(source, "summary"):
-            for line in source.summary():
-                print(f"[data] {line}", file=sys.stderr, flush=True)
-        self._lengths = {"inputs": cfg.inputs_length, "targets": cfg.targets_length}
+        self.first_row = process_index * self.batch_size
+        self.tokenizer: Tokenizer | None = self.sources[0].tokenizer
+        self.vocab_size: int = self.sources[0].vocab_size
+        self.data_config = cfg  # the config as run: tokenizer_path filled in (recorded in config.yaml)
+        tok = self.tokenizer
+        if tok is not None and tok.path and "arrayrecord" not in {c.source for _, _, c in cfg.sources()}:
+            import dataclasses
+
+            self.data_config = dataclasses.replace(cfg, tokenizer_path=os.path.abspath(tok.path))
+        if process_index == 0 and split == "train":
+            for source in self.sources:
+                for line in source.summary() if hasattr(source, "summary") else []:
+                    print(f"[data] {line}", file=sys.stderr, flush=True)
+        self._lengths = (cfg.inputs_length, cfg.targets_length)
         self.packed = cfg.pack and split == "train"
-
-        records = source.records(split)
-        self.num_records = len(records)
-        if self.num_records == 0:
-            raise ValueError(f"data.source={cfg.source}: the {split} split is empty")
-        if split == "train" and self.num_records < process_count:
-            raise ValueError(
-                f"data.source={cfg.source}: {self.num_records} train examples cannot be "
-                f"sharded over {process_count} processes"
-            )
-        shard_max = math.ceil(self.num_records / process_count)
-        self.num_batches: int | None = math.ceil(shard_max / self.batch_size) if split == "eval" else None
-        self._dataset = self._build(records)
-        self._reset_counters()
-        self._it = iter(self._dataset)
+        train = split == "train"
+        self._maker = ExampleMaker(self.sources, split, seed=seed, inputs_length=cfg.inputs_length,
+                                   targets_length=cfg.targets_length, overlong=cfg.overlong, shuffle=train and
+                                   cfg.shuffle, max_bad_fraction=cfg.max_bad_fraction)
+        self.num_records = len(self._maker)
+        for name, order in zip(self._maker.names, self._maker.orders):
+            if order.n == 0 and (train or len(self.sources) == 1):
+                raise ValueError(f"data source {name}: the {split} split is empty")
+        self.num_batches: int | None = math.ceil(self.num_records / global_batch_size) if not train else None
+        self._builder = RowBuilder(self._maker, seed=seed, global_rows=global_batch_size, weights=weights,
+                                   pack=self.packed, lengths=self._lengths) if train else None
+        self._slots = {r: self._builder.initial(r) for r in self._rows()} if train else {}
+        self._producer = None
         self._batches = 0
-        if cfg.workers > 0 and split == "train":
-            # Stop the workers before interpreter teardown (else Grain's finalizers print noise).
-            ref = weakref.ref(self)
-            atexit.register(lambda: ref() is not None and ref().close())
+        self._reset_counters()
 
-    # ---------------------------------------------------------------- building
-    def _build(self, records: grain.MapDataset) -> grain.IterDataset:
-        cfg = self.config
-        ds = records
-        train = self.split == "train"
-        if train and cfg.shuffle:
-            ds = ds.shuffle(seed=self.seed)
-        # Disjoint shards; with repeat, each epoch is a new global order and each process
-        # takes its slice of it. Train: process p takes rows [p*b, (p+1)*b) of every global
-        # batch, so unpacked global batches are the same rows in the same order whatever
-        # the number of processes (same losses, dropout masks included).
-        if train:
-            ds = _GlobalBatchRows(ds, self.process_index, self.process_count, self.batch_size)
-        else:
-            ds = ds[self.process_index :: self.process_count]
-        if train:
-            ds = ds.repeat()  # forever; reseeds the shuffle every epoch
-        ds = ds.random_map(
-            _Examples(self.source.make_example, cfg.inputs_length, cfg.targets_length, cfg.overlong), seed=self.seed
-        )
-        # Worker processes already run ahead of the trainer; in-process, a couple of
-        # threads overlap tokenization with the train step.
-        in_workers = cfg.workers > 0 and train
-        it = ds.to_iter_dataset(
-            grain.ReadOptions(num_threads=0 if in_workers else 2, prefetch_buffer_size=0 if in_workers else 64)
-        )
-        it = _CountDropped(it)
-        if self.packed:
-            import grain.experimental as gx
+    @property
+    def source(self) -> Any:
+        """The first (or only) source."""
+        return self.sources[0]
 
-            it = gx.FirstFitPackIterDataset(
-                it,
-                length_struct=dict(self._lengths),
-                num_packing_bins=self.batch_size,
-                seed=self.seed,
-                shuffle_bins=True,
-                meta_features=_META,
-            )
-            it = it.map(_sum_meta)
-        else:
-            it = it.map(_Pad(cfg.inputs_length, cfg.targets_length))
-        if train:
-            it = it.batch(self.batch_size, drop_remainder=True)
-        else:
-            import functools
-
-            import grain.experimental as gx
-
-            it = it.batch(self.batch_size, batch_fn=functools.partial(gx.batch_and_pad, batch_size=self.batch_size))
-        if cfg.workers > 0 and train:  # eval passes are short: in-process, no worker start-up
-            _ensure_absl_flags_parsed()
-            it = it.mp_prefetch(
-                grain.MultiprocessingOptions(num_workers=cfg.workers, per_worker_buffer_size=cfg.prefetch)
-            )
-        return it
-
-    def _zero_batch(self) -> dict[str, np.ndarray]:
-        b = {}
-        for k in FEATURES:
-            for suffix in ("", "_segment_ids", "_positions"):
-                b[k + suffix] = np.zeros((self.batch_size, self._lengths[k]), np.int32)
-        return b
+    def _rows(self) -> range:
+        return range(self.first_row, self.first_row + self.batch_size)
 
     # ---------------------------------------------------------------- iteration
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.num_batches is not None and self._batches >= self.num_batches:
-            raise StopIteration
-        try:
-            raw = next(self._it)
-        except StopIteration:
-            if self.num_batches is None:
-                raise
-            raw = self._zero_batch()
-        # Copy out of Grain's shared memory (workers) so nothing outlives the pipeline.
-        batch = {k: np.array(raw[k], dtype=np.int32, copy=True) for k in BATCH_KEYS}
-        for k in _META:
-            if k in raw:
-                self._counters[k[3:]] += int(np.sum(raw[k]))
+        if self.split == "eval":
+            return self._next_eval()
+        if self._producer is None:
+            workers = self.config.workers
+            depth = max(1, self.config.prefetch)
+            self._producer = (_WorkerProducer(self._builder, self._slots, self._lengths, workers, depth) if workers
+                              else _ThreadProducer(self._builder, self._slots, self._lengths, depth))
+        rows, self._slots, per_source, counts = self._producer.get()
+        batch = _stack(rows)
         self._batches += 1
+        for k, v in counts.items():
+            self._counters[k] += v
+        for s, n in per_source.items():
+            self._per_source[s] += n
+        self._count(batch)
+        return batch
+
+    def _next_eval(self) -> dict[str, np.ndarray]:
+        """Batch k, row r: held-out example k*B + r (sources in order); rows past the end are padding."""
+        if self._batches >= self.num_batches:
+            raise StopIteration
+        rows = []
+        before = dict(self._maker.counts)
+        for r in self._rows():
+            g = self._batches * self.global_batch_size + r
+            ex = None
+            for s, order in enumerate(self._maker.orders):
+                if g < order.n:
+                    ex = self._maker.at(s, g)
+                    break
+                g -= order.n
+            rows.append(layout_row([ex] if ex is not None else [], self._lengths))
+        self._batches += 1
+        for k in ("dropped", "bad_records"):
+            self._counters[k] += self._maker.counts[k] - before[k]
+        batch = _stack(rows)
         self._count(batch)
         return batch
 
     def close(self) -> None:
-        """Stops Grain worker processes (if any). Call before dropping a pipeline with workers."""
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
+        """Stops the thread or worker processes building batches ahead."""
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
 
     def __enter__(self):
         return self
@@ -337,59 +281,95 @@ class Pipeline:
     def reset(self) -> None:
         """Starts over (one more pass for eval); counters restart too."""
         self.close()
-        self._it = iter(self._dataset)
         self._batches = 0
+        if self._builder is not None:
+            self._slots = {r: self._builder.initial(r) for r in self._rows()}
         self._reset_counters()
 
     # ---------------------------------------------------------------- state
     def get_state(self) -> dict[str, Any]:
-        """JSON-serialisable; `set_state` on a pipeline built with the same config,
-        seed, batch size, process index/count and worker count continues exactly."""
-        return {"grain": self._it.get_state(), "batches": self._batches, "counters": dict(self._counters)}
+        """This process's rows' positions after the last batch returned (JSON-serialisable)."""
+        return {"version": STATE_VERSION, "global_rows": self.global_batch_size,
+                "slots": {str(r): st.to_json() for r, st in self._slots.items()},
+                "batches": self._batches, "counters": dict(self._counters),
+                "per_source": [int(n) for n in self._per_source]}
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._it.set_state(state["grain"])
-        self._batches = int(state.get("batches", 0))
-        self._counters.update({k: int(v) for k, v in state.get("counters", {}).items()})
+    def set_state(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Continues at a saved position: this process's state, or every process's (any count)."""
+        states = state if isinstance(state, list) else [state]
+        slots: dict[int, SlotState] = {}
+        for i, st in enumerate(states):
+            if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+                raise DataError("the checkpoint's data position is from an older pipeline version; start a "
+                                "new workdir or restore parameters only (checkpoint.restore_from)")
+            slots.update({int(r): SlotState.from_json(v) for r, v in st["slots"].items()})
+        saved_rows = {st["global_rows"] for st in states}
+        if saved_rows != {self.global_batch_size}:
+            slots = self._continue_after(slots, max(saved_rows))
+        missing = [r for r in self._rows() if r not in slots]
+        if missing:
+            raise DataError(f"the saved data position has no row {missing[0]}")
+        self.close()
+        self._slots = {r: slots[r] for r in self._rows()}
+        # Counters are sums over processes: this process takes the saved totals' share of one.
+        self._reset_counters()
+        if self.process_index == 0 or len(states) == 1:
+            for st in states:
+                for k, v in st.get("counters", {}).items():
+                    if k in self._counters:
+                        self._counters[k] += int(v)
+                for s, n in enumerate(st.get("per_source", [])[: len(self._per_source)]):
+                    self._per_source[s] += int(n)
+        self._batches = int(states[0].get("batches", 0))
+
+    def _continue_after(self, saved: dict[int, SlotState], saved_rows: int) -> dict[int, SlotState]:
+        """Another train.batch_size: the rows are other rows, so each source continues after the
+        furthest position any saved row had read (examples that slower rows had not reached yet,
+        and the ones waiting in their lookahead, are skipped this epoch)."""
+        n = len(self.sources)
+        furthest = [max((st.taken[s] - 1) * saved_rows + r for r, st in saved.items()) for s in range(n)]
+        draws = max(st.draws for st in saved.values())
+        if self.process_index == 0:
+            print(f"warning: the checkpoint's data position is for train.batch_size={saved_rows}, this run has "
+                  f"{self.global_batch_size}: the data continues after the furthest example read", file=sys.stderr,
+                  flush=True)
+        b = self.global_batch_size
+        return {r: SlotState(draws, [max(0, (f - r) // b + 1) for f in furthest], []) for r in self._rows()}
 
     # ---------------------------------------------------------------- stats
     def _reset_counters(self):
-        self._counters = {
-            "batches": 0,
-            "examples": 0,
-            "truncated": 0,
-            "dropped": 0,
-            "bad_records": 0,
-            "inputs_tokens": 0,
-            "targets_tokens": 0,
-            "inputs_slots": 0,
-            "targets_slots": 0,
-        }
+        self._counters = {k: 0 for k in ("batches", "examples", "truncated", "dropped", "bad_records",
+                                         "inputs_tokens", "targets_tokens", "inputs_slots", "targets_slots")}
+        self._per_source = [0] * len(self.sources)
 
     def _count(self, batch):
         c = self._counters
         c["batches"] += 1
-        seg = batch["targets_segment_ids"]
-        c["examples"] += int(seg.max(axis=1).sum())
+        c["examples"] += int(batch["targets_segment_ids"].max(axis=1).sum())
         for k in FEATURES:
             c[f"{k}_tokens"] += int(np.count_nonzero(batch[f"{k}_segment_ids"]))
             c[f"{k}_slots"] += batch[k].size
 
     @property
-    def stats(self) -> dict[str, float | int]:
-        """Flat counters for logging (prefix them as you like, e.g. `data/`)."""
-        c = self._counters
-        out: dict[str, float | int] = {
-            "batches": c["batches"],
-            "examples": c["examples"],
-            "truncated": c["truncated"],
-            "dropped": c["dropped"],
-            "bad_records": c["bad_records"],
-        }
-        for k in FEATURES:
-            out[f"{k}_tokens"] = c[f"{k}_tokens"]
-            out[f"{k}_efficiency"] = c[f"{k}_tokens"] / c[f"{k}_slots"] if c[f"{k}_slots"] else 0.0
-        slots = c["inputs_slots"] + c["targets_slots"]
-        out["packing_efficiency"] = (c["inputs_tokens"] + c["targets_tokens"]) / slots if slots else 0.0
-        out.update(self.source.stats)
+    def counters(self) -> dict[str, int]:
+        """Raw counts (add them up across processes for global figures); `stats` derives rates."""
+        out = dict(self._counters)
+        if len(self.sources) > 1:
+            out.update({f"examples/{name}": n for name, n in zip(self._maker.names, self._per_source)})
         return out
+
+    @property
+    def stats(self) -> dict[str, float | int]:
+        return derive_stats(self.counters, self.sources)
+
+
+def derive_stats(c: dict[str, int], sources: Sequence[Any] = ()) -> dict[str, float | int]:
+    """Flat metrics from (possibly summed over processes) counters."""
+    out: dict[str, float | int] = {k: v for k, v in c.items() if not k.endswith(("_slots",))}
+    for k in FEATURES:
+        out[f"{k}_efficiency"] = c[f"{k}_tokens"] / c[f"{k}_slots"] if c[f"{k}_slots"] else 0.0
+    slots = c["inputs_slots"] + c["targets_slots"]
+    out["packing_efficiency"] = (c["inputs_tokens"] + c["targets_tokens"]) / slots if slots else 0.0
+    for s in sources:
+        out.update(getattr(s, "stats", {}) or {})
+    return out

@@ -15,6 +15,7 @@ import numpy as np
 
 from trainer.data import span_corruption
 from trainer.data.config import DataConfig
+from trainer.data.stream import RecordError
 from trainer.data.vocab import (
     NUM_RESERVED,
     ByteTokenizer,
@@ -129,6 +130,47 @@ def _writable_dir(d: str) -> bool:
     return os.path.isdir(d) and os.access(d, os.W_OK)
 
 
+def spm_size_error(cfg: DataConfig, message: str) -> str:
+    """One line for a SentencePiece size the corpus cannot support, naming the data.vocab_size that works.
+
+    SentencePiece says `Vocabulary size too high (N). Please set it to a value <= M.` (too few
+    distinct pieces in the text) or `Vocabulary size is smaller than required_chars. N vs M.`
+    (more distinct characters than pieces); M counts pieces, data.vocab_size adds the sentinels.
+    """
+    import re
+
+    from trainer.data.config import MIN_SPM_PIECES
+
+    s = cfg.num_sentinels
+    first = " ".join(message.split())
+    high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if high:
+        most = int(high.group(2))
+        if most < MIN_SPM_PIECES:
+            return (
+                f"data.vocab_size: {cfg.vocab_size} is too large for this corpus, which supports at most {most} "
+                f"SentencePiece pieces (fewer than the {MIN_SPM_PIECES} a vocabulary needs); use "
+                f"data.tokenizer=bytes or more text"
+            )
+        return (
+            f"data.vocab_size: {cfg.vocab_size} is too large for this corpus: SentencePiece can make at most "
+            f"{most} pieces, so the largest data.vocab_size that works is {most + s} ({most} pieces + {s} "
+            f"sentinels); set data.vocab_size={most + s} (or use data.tokenizer=bytes)"
+        )
+    low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if low:
+        least = int(low.group(2))
+        return (
+            f"data.vocab_size: {cfg.vocab_size} is too small for this corpus: its {least} distinct characters "
+            f"and reserved pieces need at least {least} SentencePiece pieces, so data.vocab_size must be >= "
+            f"{least + s} ({least} pieces + {s} sentinels)"
+        )
+    return (
+        f"data.vocab_size: cannot train a SentencePiece model of {cfg.vocab_size} entries on this corpus "
+        f"({first}); change data.vocab_size or use data.tokenizer=bytes"
+    )
+
+
 def resolve_tokenizer(
     cfg: DataConfig, *, fingerprint: str, texts: Callable[[], Iterable[str]], data_dir: str | None
 ) -> Tokenizer:
@@ -161,10 +203,7 @@ def resolve_tokenizer(
                     texts(), vocab_size=cfg.vocab_size, num_sentinels=cfg.num_sentinels, model_type=cfg.spm_model_type
                 )
             except RuntimeError as e:
-                raise ValueError(
-                    f"data.vocab_size: cannot train a SentencePiece model of {cfg.vocab_size} "
-                    f"entries on this corpus ({e}); lower data.vocab_size"
-                ) from None
+                raise ValueError(spm_size_error(cfg, str(e))) from None
             write_once(path, proto)
     tok = SentencePieceTokenizer.load(path, cfg.num_sentinels)
     if tok.vocab_size != cfg.vocab_size:
@@ -206,15 +245,17 @@ def _held_out(key: str, fraction: float) -> bool:
 
 
 class _SpanCorruption:
-    """Picklable example maker for token chunks."""
+    """Picklable example maker for token chunks: the denoising objective `data.objective`
+    (T5 span corruption, or BART-style infilling whose targets are the whole chunk)."""
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer):
+        self._fn = span_corruption.infill if cfg.objective == "infilling" else span_corruption.corrupt
         self._density = cfg.noise_density
         self._mean = cfg.mean_noise_span_length
         self._sentinels = np.asarray([tokenizer.sentinel_id(i) for i in range(tokenizer.num_sentinels)], dtype=np.int32)
 
     def __call__(self, tokens, rng):
-        return span_corruption.corrupt(tokens, self._density, self._mean, rng, self._sentinels)
+        return self._fn(tokens, self._density, self._mean, rng, self._sentinels)
 
 
 class EmbeddedSource(Source):
@@ -231,15 +272,19 @@ class EmbeddedSource(Source):
             split["eval" if _held_out(key, cfg.eval_fraction) else "train"].append(text)
         if cfg.eval_fraction > 0 and not split["eval"]:
             split["eval"].append(split["train"].pop())
-        self.tokenizer = resolve_tokenizer(
-            cfg,
-            fingerprint=_fingerprint(["embedded", sys.version_info[:2], cfg.eval_fraction] + split["train"]),
-            texts=lambda: list(split["train"]),
-            data_dir=None,
-        )
+        self._cfg, self._split = cfg, split
+        self.fingerprint = _fingerprint(["embedded", sys.version_info[:2], cfg.eval_fraction] + split["train"])
+        self.data_dir = None
+
+    def texts(self) -> Iterable[str]:
+        return list(self._split["train"])
+
+    def attach(self, tokenizer: Tokenizer) -> None:
+        cfg, split = self._cfg, self._split
+        self.tokenizer = tokenizer
         self.vocab_size = self.tokenizer.vocab_size
         self.chunk_length = span_corruption.chunk_length(
-            cfg.inputs_length, cfg.targets_length, cfg.noise_density, cfg.mean_noise_span_length
+            cfg.inputs_length, cfg.targets_length, cfg.noise_density, cfg.mean_noise_span_length, cfg.objective
         )
         self._chunks = {s: self._chunk(texts) for s, texts in split.items()}
         self.stats = {}
@@ -260,18 +305,6 @@ class EmbeddedSource(Source):
 
 
 # --------------------------------------------------------------------------- tsv / jsonl
-
-_SKIP_REASONS = (
-    "empty_line",
-    "invalid_utf8",
-    "no_tab",
-    "extra_fields",
-    "empty_field",
-    "invalid_json",
-    "not_an_object",
-    "missing_field",
-)
-
 
 def expand_paths(spec: str, key: str = "data.path") -> list[str]:
     """Files named by a path, glob, or comma-separated list of them; errors name the pattern."""
@@ -343,14 +376,8 @@ class LineIndex:
         return len(self.offset)
 
 
-_INDEX_CACHE: dict[tuple, LineIndex] = {}
-
-
 def index_files(kind: str, files: list[str], keys: tuple[str, str], key: str = "data.path") -> LineIndex:
-    """Scans the files once (cached per process by path, size and mtime)."""
-    stamp = (kind, keys, tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files))
-    if stamp in _INDEX_CACHE:
-        return _INDEX_CACHE[stamp]
+    """Scans the files once: where each valid line is, and why the others are skipped."""
     fi, off, ln = [], [], []
     skipped, lines = {}, {}
     for i, path in enumerate(files):
@@ -380,7 +407,6 @@ def index_files(kind: str, files: list[str], keys: tuple[str, str], key: str = "
     idx = LineIndex(
         files, np.asarray(fi, np.int32), np.asarray(off, np.int64), np.asarray(ln, np.int32), skipped, lines
     )
-    _INDEX_CACHE[stamp] = idx
     return idx
 
 
@@ -426,7 +452,10 @@ class _TokenizePair:
         self._kind, self._keys, self._tok = kind, keys, tokenizer
 
     def __call__(self, raw: bytes, rng):
-        src, tgt = parse_line(self._kind, raw, self._keys)  # validated when indexed
+        parsed = parse_line(self._kind, raw, self._keys)  # validated when indexed; the file may have changed
+        if isinstance(parsed, str):
+            raise RecordError(parsed)
+        src, tgt = parsed
         return {"inputs": self._tok.encode(src), "targets": self._tok.encode(tgt)}
 
 
@@ -458,27 +487,36 @@ class TextPairSource(Source):
             self.eval_index = None
             rows = _split_rows(len(self.index), cfg.eval_fraction, cfg.eval_max_examples)
             self._rows = {s: (self.index, r) for s, r in rows.items()}
-        train_index, train_rows = self._rows["train"]
-
-        def texts():
-            lines = _Lines(train_index, train_rows[:2_000_000])
-            for i in range(len(lines)):
-                src, tgt = parse_line(kind, lines[i], keys)
-                yield src
-                yield tgt
-
         files = self.index.files
-        self.tokenizer = resolve_tokenizer(
-            cfg,
-            fingerprint=_fingerprint(
-                [kind, keys, cfg.eval_path, cfg.eval_fraction]
-                + [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-            ),
-            texts=texts,
-            data_dir=os.path.dirname(os.path.abspath(files[0])),
+        self.fingerprint = _fingerprint(
+            [kind, keys, cfg.eval_path, cfg.eval_fraction]
+            + [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
         )
+        self.data_dir = os.path.dirname(os.path.abspath(files[0]))
+        self._kind, self._keys = kind, keys
+
+    def texts(self) -> Iterable[str]:
+        """Both sides of (up to 2M) train lines: what the SentencePiece model is trained on."""
+        train_index, train_rows = self._rows["train"]
+        lines = _Lines(train_index, train_rows[:2_000_000])
+        for i in range(len(lines)):
+            src, tgt = parse_line(self._kind, lines[i], self._keys)
+            yield src
+            yield tgt
+
+    def locate(self, split: str, index: int) -> str:
+        """`file:line` of a record (for error messages)."""
+        idx, rows = self._rows[split]
+        row = int(rows[index])
+        path = idx.files[int(idx.file_idx[row])]
+        with open(path, "rb") as f:
+            line = f.read(int(idx.offset[row])).count(b"\n") + 1
+        return f"{path}:{line}"
+
+    def attach(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
         self.vocab_size = self.tokenizer.vocab_size
-        self.make_example = _TokenizePair(kind, keys, self.tokenizer)
+        self.make_example = _TokenizePair(self._kind, self._keys, self.tokenizer)
         self.stats = {"skipped_lines": 0}
         indexes = [self.index] + ([self.eval_index] if self.eval_index else [])
         paths = [p for idx in indexes for p in idx.skipped]
@@ -523,9 +561,11 @@ def encode_record(inputs: np.ndarray, targets: np.ndarray) -> bytes:
 
 
 def decode_record(b: bytes) -> tuple[np.ndarray, np.ndarray]:
-    if b[:4] != RECORD_MAGIC:
-        raise ValueError("not a seq2seq record")
+    if len(b) < 12 or b[:4] != RECORD_MAGIC:
+        raise RecordError("not a seq2seq record")
     n_i, n_t = np.frombuffer(b, "<u4", 2, 4)
+    if len(b) != 12 + 4 * (int(n_i) + int(n_t)):
+        raise RecordError(f"record of {len(b)} bytes does not hold {int(n_i)} + {int(n_t)} ids")
     i = np.frombuffer(b, "<i4", int(n_i), 12).astype(np.int32)
     t = np.frombuffer(b, "<i4", int(n_t), 12 + 4 * int(n_i)).astype(np.int32)
     return i, t
@@ -569,9 +609,18 @@ class ArrayRecordSource(Source):
         self.root, self.manifest = read_manifest(cfg.path)
         t = self.manifest["tokenizer"]
         if t["kind"] == "bytes":
-            self.tokenizer = ByteTokenizer(int(t["num_sentinels"]))
+            self.own_tokenizer = ByteTokenizer(int(t["num_sentinels"]))
         else:
-            self.tokenizer = SentencePieceTokenizer.load(os.path.join(self.root, t["file"]), int(t["num_sentinels"]))
+            self.own_tokenizer = SentencePieceTokenizer.load(os.path.join(self.root, t["file"]), int(t["num_sentinels"]))
+        self._cfg = cfg
+
+    def attach(self, tokenizer: Tokenizer) -> None:
+        cfg = self._cfg
+        if tokenizer is not self.own_tokenizer and (tokenizer.vocab_size, tokenizer.kind) != (
+                self.own_tokenizer.vocab_size, self.own_tokenizer.kind):
+            raise ValueError(f"data.path: {self.root} was prepared with another tokenizer "
+                             f"({self.own_tokenizer.kind}, {self.own_tokenizer.vocab_size} ids) than the mixture's")
+        self.tokenizer = tokenizer
         self.vocab_size = self.tokenizer.vocab_size
         task = self.manifest["task"]
         self.make_example = _DecodeRecord(
@@ -590,12 +639,12 @@ class ArrayRecordSource(Source):
 
 
 def check(cfg: DataConfig) -> None:
-    """Cheap existence/emptiness checks (tsv/jsonl: the one indexing pass, then cached)."""
+    """Cheap checks before any source is read: files exist and are not empty."""
     if cfg.source in ("tsv", "jsonl"):
-        keys = (cfg.jsonl_inputs_key, cfg.jsonl_targets_key)
-        index_files(cfg.source, expand_paths(cfg.path), keys)
-        if cfg.eval_path:
-            index_files(cfg.source, expand_paths(cfg.eval_path, "data.eval_path"), keys, "data.eval_path")
+        for spec, key in ((cfg.path, "data.path"), (cfg.eval_path, "data.eval_path")):
+            for f in expand_paths(spec, key) if spec else []:
+                if os.path.getsize(f) == 0:
+                    raise ValueError(f"{key}: {f} is empty")
     elif cfg.source == "arrayrecord":
         read_manifest(cfg.path)
     if cfg.tokenizer_path and cfg.tokenizer == "sentencepiece" and cfg.source != "arrayrecord":
@@ -606,36 +655,54 @@ def check(cfg: DataConfig) -> None:
             )
 
 
-_SOURCE_CACHE: dict[tuple, Source] = {}
+_CLASSES = {"embedded": EmbeddedSource, "tsv": TextPairSource, "jsonl": TextPairSource, "arrayrecord": ArrayRecordSource}
 
 
-def make_source(cfg: DataConfig, *, vocab_size: int | None, workdir: str | None) -> Source:
-    check(cfg)
-    if cfg.source == "synthetic":
-        return SyntheticSource(cfg, vocab_size)
-    # Train and eval pipelines (and every eval) share one source: tokenizer and index built once.
-    stamp: tuple = (cfg,)
-    for spec in (cfg.path, cfg.eval_path, cfg.tokenizer_path):
-        if spec and cfg.source in ("tsv", "jsonl", "arrayrecord"):
-            for f in expand_paths(spec) if cfg.source != "arrayrecord" else [spec]:
-                if os.path.exists(f):
-                    st = os.stat(f)
-                    stamp += ((f, st.st_size, st.st_mtime_ns),)
-    if stamp not in _SOURCE_CACHE:
-        cls = {
-            "embedded": EmbeddedSource,
-            "tsv": TextPairSource,
-            "jsonl": TextPairSource,
-            "arrayrecord": ArrayRecordSource,
-        }[cfg.source]
-        _SOURCE_CACHE[stamp] = cls(cfg)
-    return _SOURCE_CACHE[stamp]
+def make_sources(cfg: DataConfig, *, vocab_size: int | None) -> tuple[list[Source], list[float]]:
+    """The sources of `data.source` or `data.mixture`, sharing one tokenizer, and their weights.
+
+    The caller owns them: build them once per run and hand them to every pipeline of the run
+    (`build_pipeline(..., sources=...)`), so the tokenizer and file indexes are made once.
+    A mixture's SentencePiece model is trained on the text of all its sources; an arrayrecord
+    entry brings its prepared tokenizer, which the others then use.
+    """
+    entries = cfg.sources()
+    for _, _, c in entries:
+        check(c)
+    kinds = {c.source for _, _, c in entries}
+    if "synthetic" in kinds:
+        if kinds != {"synthetic"}:
+            raise ValueError("data.mixture: synthetic sources cannot be mixed with text sources")
+        out = [SyntheticSource(c, vocab_size) for _, _, c in entries]
+    else:
+        out = [_CLASSES[c.source](c) for _, _, c in entries]
+        prepared = [s.own_tokenizer for s in out if isinstance(s, ArrayRecordSource)]
+        if prepared:
+            tokenizer = prepared[0]
+        else:
+            tokenizer = resolve_tokenizer(
+                cfg,
+                fingerprint=_fingerprint([s.fingerprint for s in out]) if len(out) > 1 else out[0].fingerprint,
+                texts=lambda: (t for s in out for t in s.texts()),
+                data_dir=out[0].data_dir,
+            )
+        for s in out:
+            s.attach(tokenizer)
+    for (name, _, _), s in zip(entries, out):
+        s.name = name
+    return out, [w for _, w, _ in entries]
+
+
+def make_source(cfg: DataConfig, *, vocab_size: int | None) -> Source:
+    """The one source of a config without a mixture."""
+    return make_sources(dataclasses.replace(cfg, mixture=None), vocab_size=vocab_size)[0][0]
 
 
 def get_tokenizer(cfg: DataConfig, workdir: str | None = None) -> Tokenizer | None:
-    if cfg.source == "synthetic":
+    kinds = {c.source for _, _, c in cfg.sources()}
+    if kinds == {"synthetic"}:
         return None
-    if cfg.source != "arrayrecord":
+    if "arrayrecord" not in kinds:
         if cfg.tokenizer == "bytes":
             return ByteTokenizer(cfg.num_sentinels)
         if cfg.tokenizer_path and os.path.exists(cfg.tokenizer_path):  # as recorded in a run's config
@@ -646,4 +713,4 @@ def get_tokenizer(cfg: DataConfig, workdir: str | None = None) -> Tokenizer | No
                     f"{cfg.tokenizer_path} ({tok.vocab_size})"
                 )
             return tok
-    return make_source(cfg, vocab_size=None, workdir=workdir).tokenizer
+    return make_sources(cfg, vocab_size=None)[0][0].tokenizer

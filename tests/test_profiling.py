@@ -1,0 +1,29 @@
+"""`train.profile_steps=START:END` writes a jax.profiler trace for TensorBoard, and only when asked."""
+
+from pathlib import Path
+
+import jax
+import pytest
+
+from tests.conftest import tiny_config
+from trainer.config import ConfigError
+from trainer.train import train
+
+
+def _traces(workdir):
+    return sorted(Path(workdir, "tensorboard").glob("plugins/profile/*/*.xplane.pb"))
+
+
+def test_profile_steps_write_a_trace_and_nothing_otherwise(tmp_path):
+    one = jax.devices()[:1]
+    train(tiny_config(tmp_path / "profiled", "train.steps=6", "train.profile_steps=3:4", "mesh.fsdp=1"), devices=one)
+    traces = _traces(tmp_path / "profiled")
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
+    train(tiny_config(tmp_path / "plain", "train.steps=6", "mesh.fsdp=1"), devices=one)
+    assert _traces(tmp_path / "plain") == []
+
+
+@pytest.mark.parametrize("spec", ["4:3", "0:2", "3", "a:b"])
+def test_a_bad_profile_range_names_the_key(tmp_path, spec):
+    with pytest.raises(ConfigError, match=r"train\.profile_steps"):
+        tiny_config(tmp_path, f"train.profile_steps={spec}")
