@@ -60,12 +60,13 @@ def _segment_lengths(total: int, segments: int, rng: np.random.Generator) -> np.
     return np.diff(np.concatenate([[0], cuts, [total]]))
 
 
-def noise_mask(n: int, noise_density: float, mean_span: float, rng: np.random.Generator) -> np.ndarray:
+def _mask(n: int, noise_density: float, mean_span: float, rng: np.random.Generator, noise_lengths) -> np.ndarray:
+    """Alternating kept / noise spans (kept first); `noise_lengths(noise, spans, rng)` draws the noise spans."""
     noise, spans = _counts(n, noise_density, mean_span)
     mask = np.zeros(n, dtype=bool)
     if spans == 0:
         return mask
-    noise_lens = _segment_lengths(noise, spans, rng)
+    noise_lens = noise_lengths(noise, spans, rng)
     keep_lens = _segment_lengths(n - noise, spans, rng)
     pos = 0
     for k, z in zip(keep_lens, noise_lens):
@@ -73,6 +74,10 @@ def noise_mask(n: int, noise_density: float, mean_span: float, rng: np.random.Ge
         mask[pos : pos + z] = True
         pos += z
     return mask
+
+
+def noise_mask(n: int, noise_density: float, mean_span: float, rng: np.random.Generator) -> np.ndarray:
+    return _mask(n, noise_density, mean_span, rng, _segment_lengths)
 
 
 def corrupt(
@@ -166,18 +171,8 @@ def _poisson_lengths(total: int, segments: int, mean: float, rng: np.random.Gene
 
 def infilling_mask(n: int, noise_density: float, mean_span: float, rng: np.random.Generator) -> np.ndarray:
     """Like `noise_mask` (starts with kept text, same counts) with Poisson-ish span lengths."""
-    noise, spans = _counts(n, noise_density, mean_span)
-    mask = np.zeros(n, dtype=bool)
-    if spans == 0:
-        return mask
-    noise_lens = _poisson_lengths(noise, spans, mean_span, rng)
-    keep_lens = _segment_lengths(n - noise, spans, rng)
-    pos = 0
-    for k, z in zip(keep_lens, noise_lens):
-        pos += k
-        mask[pos : pos + z] = True
-        pos += z
-    return mask
+    return _mask(n, noise_density, mean_span, rng,
+                 lambda noise, spans, r: _poisson_lengths(noise, spans, mean_span, r))
 
 
 def infill(
