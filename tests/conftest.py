@@ -5,6 +5,18 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# Most of the suite's time is XLA compiling the same tiny programs again (the same model on the same
+# mesh in many tests and subprocesses). A persistent compilation cache shared by this session and its
+# subprocesses (they inherit the environment) compiles each program once. It is a fresh directory per
+# session, removed at the end, so no test sees another session's executables.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pytest-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -41,3 +53,8 @@ def run_cli(args, cwd=ROOT, timeout=600, env=None):
 @pytest.fixture
 def workdir(tmp_path):
     return tmp_path / "run"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
