@@ -119,7 +119,7 @@ def check_trainer_args(args: argparse.Namespace) -> None:
         argv = [a for a in argv if a.partition("=")[0] not in _COMMAND_KEYS]
     cfg = load_config(argv)
     if args.module == "trainer.train":
-        from trainer.setup import check_workdir
+        from trainer.workdir import check_workdir
 
         check_workdir(cfg.workdir)
 

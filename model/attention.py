@@ -113,7 +113,7 @@ class MultiHeadAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, h, k = cfg.d_model, cfg.num_heads, cfg.kv_dim
-        pd = cfg.params_dtype
+        pd = jnp.dtype(cfg.param_dtype)
         qkv_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
         out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
         names = (axes.EMBED, axes.HEADS, axes.KV)

@@ -43,12 +43,23 @@ BLM = (ACT_BATCH, ACT_LENGTH, ACT_MLP)
 BLV = (ACT_BATCH, ACT_LENGTH, ACT_VOCAB)
 
 
+class MissingRulesError(RuntimeError):
+    """A mesh is set but no logical-axis rules: every activation constraint would silently vanish."""
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names.
 
-    Resolved through the rules context the trainer sets (`nnx.logical_axis_rules`); a no-op
-    without a mesh in context, so the model also runs unsharded.
+    Resolved through the rules context the trainer sets (`Run.context()`: the mesh plus
+    `flax.linen.logical_axis_rules`). With neither (the model run unsharded) it does nothing;
+    a mesh without rules is an error, never a silent no-op.
     """
+    if not linen.get_logical_axis_rules():
+        if not jax.sharding.get_abstract_mesh().empty:
+            raise MissingRulesError(
+                f"activation {tuple(names)} is traced under a mesh but without logical-axis rules; trace "
+                "the model inside the run's context (trainer.run.Run.context())")
+        return x
     return linen.with_logical_constraint(x, tuple(names))
 
 

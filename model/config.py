@@ -45,7 +45,7 @@ class ModelConfig:
     share_embeddings: bool = True  # one token table for source and target
     tie_output: bool = True  # logits through the (target) embedding table
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    param_dtype: str = "float32"
+    param_dtype: str = "float32"  # storage dtype of the parameters (and Adam moments)
     scan_layers: bool = False
     remat: str = "none"  # none | full | minimal (save dots without batch dims) | dots
 
@@ -65,10 +65,6 @@ class ModelConfig:
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
-
-    @property
-    def params_dtype(self) -> jnp.dtype:
-        return jnp.dtype(self.param_dtype)
 
     def validate(self) -> None:
         """Raise ValueError naming `model.<field>` for any impossible value."""

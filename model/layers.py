@@ -43,7 +43,7 @@ class Norm(nnx.Module):
         self.kind = cfg.norm
         self.eps = cfg.norm_eps
         self.dtype = cfg.compute_dtype
-        d, pd = cfg.d_model, cfg.params_dtype
+        d, pd = cfg.d_model, jnp.dtype(cfg.param_dtype)
         self.scale = axes.make_param(rngs, nnx.initializers.ones, (d,), (axes.EMBED,), pd)
         if cfg.norm == "layernorm":
             self.bias = axes.make_param(rngs, nnx.initializers.zeros, (d,), (axes.EMBED,), pd)
@@ -76,7 +76,7 @@ class FeedForward(nnx.Module):
         self.activation = cfg.activation
         self.gated = cfg.activation in ("gated_gelu", "swiglu")
         self.dtype = cfg.compute_dtype
-        d, m, pd = cfg.d_model, cfg.mlp_dim, cfg.params_dtype
+        d, m, pd = cfg.d_model, cfg.mlp_dim, jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         self.wi = axes.make_param(rngs, init, (d, m), (axes.EMBED, axes.MLP), pd)
         self.wi_gate = axes.make_param(rngs, init, (d, m), (axes.EMBED, axes.MLP), pd) if self.gated else None
@@ -110,7 +110,7 @@ class Embed(nnx.Module):
             nnx.initializers.normal(1.0),
             (cfg.padded_vocab_size, cfg.d_model),
             (axes.VOCAB, axes.EMBED),
-            cfg.params_dtype,
+            jnp.dtype(cfg.param_dtype),
         )
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -135,7 +135,7 @@ class Logits(nnx.Module):
         self.dtype = cfg.compute_dtype
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         self.kernel = axes.make_param(
-            rngs, init, (cfg.d_model, cfg.padded_vocab_size), (axes.EMBED, axes.VOCAB), cfg.params_dtype
+            rngs, init, (cfg.d_model, cfg.padded_vocab_size), (axes.EMBED, axes.VOCAB), jnp.dtype(cfg.param_dtype)
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -171,7 +171,7 @@ class LearnedPositions(nnx.Module):
             nnx.initializers.normal(0.02),
             (cfg.max_length, cfg.d_model),
             (axes.LENGTH, axes.EMBED),
-            cfg.params_dtype,
+            jnp.dtype(cfg.param_dtype),
         )
 
     def __call__(self, positions: jax.Array) -> jax.Array:

@@ -6,15 +6,18 @@ result whatever the mesh the inputs are sharded over.
 
 Decoding one position at a time (`init_cache`, `decode_step`) runs the same embedding,
 decoder stack and logits as the full pass (`decode`); only the masks and the cache differ.
+`generate` drives that step with the searches of `model.search` (greedy, sampling, beam).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes
+from model import axes, search
 from model.attention import combine_masks, make_attention_mask, make_causal_mask, make_segment_mask
 from model.config import ModelConfig
 from model.layers import Embed, LearnedPositions, Logits, dropout, sinusoidal_positions, split_key
@@ -39,6 +42,11 @@ SOURCE_AXES = (axes.ACT_BATCH, axes.ACT_LENGTH)
 # Which axis of each cache entry is the batch (None: shared by all rows). The searches use it
 # to repeat the cache per beam and to reorder it when beams change parents.
 CACHE_BATCH_AXES = {"self_k": 1, "self_v": 1, "cross_k": 1, "cross_v": 1, "source_valid": 0, "index": None}
+
+
+def cache_batch_axes(cache: Cache) -> dict[str, int | None]:
+    """A pytree like `cache` whose leaves are the batch axis of each entry (or None)."""
+    return {k: CACHE_BATCH_AXES[k] for k in cache}
 
 
 def shift_right(x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -79,7 +87,7 @@ class Transformer(nnx.Module):
     Token ids are int32 with 0 = padding (and BOS after the shift). Logits cover the padded
     vocabulary; ids >= vocab_size get PADDED_VOCAB_LOGIT so they never get probability.
     `__call__`/`encode`/`decode` are the full passes; `init_cache` and `decode_step` decode
-    one position at a time through the same modules (see `model.decoding` for the searches).
+    one position at a time through the same modules, which `generate` drives.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -283,6 +291,53 @@ class Transformer(nnx.Module):
         cross_mask = make_attention_mask(jnp.ones((batch, 1), bool), cache["source_valid"])
         logits, cache = self._decoder_logits(ids, positions, None, self_mask, cross_mask, cache=cache)
         return logits[:, 0], cache
+
+    def search_step(self) -> Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]:
+        """`step(tokens [batch], cache) -> (logits [batch, vocab], cache)`: what the searches call.
+
+        The step runs inside the searches' `jax.lax.while_loop`, and NNX transforms (the layer
+        scan of `scan_layers`) refuse Variables of an outer trace: so the model is split here and
+        merged inside the step into new Variables (`copy=True`) holding the same arrays.
+        """
+        graphdef, state = nnx.split(self)
+
+        def step(tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+            return nnx.merge(graphdef, state, copy=True).decode_step(cache, tokens)
+
+        return step
+
+    def generate(
+        self,
+        inputs: jax.Array,
+        *,
+        max_length: int,
+        beam_size: int = 1,
+        alpha: float = 0.6,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        rng: jax.Array | None = None,
+        eos_id: int = 1,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Outputs for `inputs` [batch, src_len]: (tokens [batch, max_length], scores [batch]).
+
+        beam_size > 1: beam search (score = length-normalised log-probability); otherwise greedy
+        when temperature == 0, else sampling (temperature / top_k / top_p) from `rng`. Tokens after
+        the first `eos_id` are 0. Jit-able; `max_length` and the search settings are static.
+        """
+        cache = self.init_cache(inputs, max_length)
+        step = self.search_step()
+        batch_size = inputs.shape[0]
+        if beam_size > 1:
+            seqs, scores = search.beam_search(step, cache, cache_batch_axes(cache), batch_size=batch_size,
+                                              beam_size=beam_size, max_length=max_length, alpha=alpha, eos_id=eos_id)
+            return seqs[:, 0], scores[:, 0]
+        if temperature > 0.0:
+            if rng is None:
+                raise ValueError("sampling (temperature > 0) needs an rng key")
+            return search.sample(step, cache, batch_size=batch_size, max_length=max_length, rng=rng,
+                                 temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+        return search.greedy(step, cache, batch_size=batch_size, max_length=max_length, eos_id=eos_id)
 
     def __call__(
         self,

@@ -17,6 +17,7 @@ if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pytest-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -37,6 +38,52 @@ def tiny_config(tmp_path, *overrides):
     from trainer.config import load_config
 
     return load_config([str(CONFIGS / "tiny.yaml"), f"workdir={tmp_path}", *overrides])
+
+
+def state_spec_on_mesh(cfg, devices=None):
+    """(train-state spec, mesh, the run's tracing context) for `cfg` on `devices`, as train builds them."""
+    from trainer.optim import make_optimizer
+    from trainer.run import Run
+
+    run = Run.from_config(cfg, devices)
+    with run.context():
+        spec = run.state_spec(make_optimizer(cfg.train)[0])
+    return spec, run.mesh, run.context()
+
+
+@contextlib.contextmanager
+def nonfinite_loss_on_batch(cfg, step):
+    """Within this block, the train step's loss is non-finite on the batch that `cfg` trains at `step`.
+
+    Fault injection from outside the trainer: the batch is found by reading `cfg`'s own input
+    pipeline (one process), and `trainer.step.cross_entropy` is wrapped to return an infinite loss
+    (so infinite gradients) for exactly that batch's targets. Steps are traced after this
+    patch, so use it around a `train(...)` call in this process.
+    """
+    import jax.numpy as jnp
+
+    from trainer import step as step_module
+    from trainer.data import build_pipeline
+
+    def fingerprint(targets):  # a position-weighted sum: distinct for distinct batches in practice
+        weights = jnp.arange(1, targets.size + 1, dtype=jnp.uint32).reshape(targets.shape)
+        return jnp.sum(targets.astype(jnp.uint32) * weights)
+
+    with build_pipeline(cfg.data, split="train", global_batch_size=cfg.train.batch_size, seed=cfg.seed,
+                        vocab_size=cfg.model.vocab_size) as data:
+        prints = [int(fingerprint(jnp.asarray(next(data)["targets"]))) for _ in range(step)]
+    assert prints.count(prints[-1]) == 1, "the fingerprint must single out the batch"
+    real = step_module.cross_entropy
+
+    def poisoned(logits, targets, weights, **kw):
+        loss_sum, weight_sum, correct = real(logits, targets, weights, **kw)
+        return loss_sum * jnp.where(fingerprint(targets) == prints[-1], jnp.inf, 1.0), weight_sum, correct
+
+    step_module.cross_entropy = poisoned
+    try:
+        yield
+    finally:
+        step_module.cross_entropy = real
 
 
 def run_cli(args, cwd=ROOT, timeout=600, env=None):

@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import CONFIGS, ROOT, read_metrics, run_cli, tiny_config
+from tests.conftest import CONFIGS, ROOT, nonfinite_loss_on_batch, read_metrics, run_cli, tiny_config
 from trainer.config import ConfigError
 from trainer.train import train
 
@@ -89,7 +89,7 @@ def test_restore_onto_other_meshes(tmp_path):
     from sharding.rules import as_flax_rules, load_rules
     from trainer.checkpoint import CheckpointManager
     from trainer.optim import make_optimizer
-    from trainer.state import make_state_spec
+    from trainer.train_state import make_state_spec
 
     cfg = tiny_config(saved, *base, "mesh.data=2", "mesh.fsdp=1", "mesh.tensor=4")
     mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
@@ -145,15 +145,18 @@ def test_empty_step_folder_is_skipped(tmp_path, capsys):
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     one = jax.devices()[:1]
-    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step 7"):
-        train(tiny_config(tmp_path, *COMMON, "train.steps=10", "train.debug_nonfinite_step=7"), devices=one)
+    cfg = tiny_config(tmp_path, *COMMON, "train.steps=10")
+    with nonfinite_loss_on_batch(cfg, 7), pytest.raises(FloatingPointError,
+                                                        match=r"non-finite loss or gradient at step 7"):
+        train(cfg, devices=one)
     assert _steps_on_disk(tmp_path) == [5]  # the last good checkpoint is intact
 
 
 def test_nonfinite_loss_can_be_skipped(tmp_path):
     one = jax.devices()[:1]
-    train(tiny_config(tmp_path, *COMMON, "train.steps=10", "train.debug_nonfinite_step=7",
-                      "train.on_nonfinite=skip"), devices=one)
+    cfg = tiny_config(tmp_path, *COMMON, "train.steps=10", "train.on_nonfinite=skip")
+    with nonfinite_loss_on_batch(cfg, 7):
+        train(cfg, devices=one)
     records = read_metrics(tmp_path)
     assert records[-1]["skipped_steps"] == 1
     assert records[5]["skipped_steps"] == 0 and records[6]["skipped_steps"] == 1

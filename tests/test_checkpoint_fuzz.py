@@ -20,22 +20,14 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import state_spec_on_mesh, tiny_config
 
 FLIPS = 200
 SMALL = ("mesh.fsdp=1", "model.encoder_layers=1", "model.decoder_layers=1", "checkpoint.keep=10")
 
 
 def _spec(cfg, devices):
-    from trainer.optim import make_optimizer
-    from trainer.setup import logical_context, mesh_and_rules, sized_model_config
-    from trainer.state import make_state_spec
-
-    mesh, rules = mesh_and_rules(cfg, devices)
-    with logical_context(mesh, rules):
-        spec = make_state_spec(sized_model_config(cfg, mesh, rules), make_optimizer(cfg.train)[0], mesh, rules,
-                               cfg.seed)
-    return spec, mesh, logical_context(mesh, rules)
+    return state_spec_on_mesh(cfg, devices)
 
 
 def _host(state) -> list[np.ndarray]:
@@ -205,12 +197,11 @@ def test_restore_items_skips_a_damaged_step(checkpoint, tmp_path, capsys):
     import shutil
 
     from trainer.checkpoint import restore_items
-    from trainer.state import abstract_with_shardings
 
     cfg, spec, mesh, context = checkpoint
     workdir = tmp_path / "copy"
     shutil.copytree(cfg.workdir, workdir)
-    target = {"params": abstract_with_shardings(spec)["params"]}
+    target = {"params": spec.restore_target()["params"]}
     with context:
         clean, step = restore_items(str(workdir / "checkpoints"), target)
     assert step == 2

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import read_metrics, tiny_config
+from tests.conftest import read_metrics, state_spec_on_mesh, tiny_config
 from trainer.config import ConfigError
 from trainer.train import train
 
@@ -85,15 +85,7 @@ def test_resume_on_a_mesh_with_another_vocabulary_padding(tmp_path, capsys):
 
 
 def _spec(cfg, devices):
-    from trainer.optim import make_optimizer
-    from trainer.setup import logical_context, mesh_and_rules, sized_model_config
-    from trainer.state import make_state_spec
-
-    mesh, rules = mesh_and_rules(cfg, devices)
-    with logical_context(mesh, rules):
-        spec = make_state_spec(sized_model_config(cfg, mesh, rules), make_optimizer(cfg.train)[0], mesh, rules,
-                               cfg.seed)
-    return spec, mesh, logical_context(mesh, rules)
+    return state_spec_on_mesh(cfg, devices)
 
 
 def _flat(tree):
@@ -105,7 +97,7 @@ def _flat(tree):
 def test_tables_are_repadded_both_ways_and_for_decoding(tmp_path):
     """128 -> 384 rows (zero padding appended) and back (padding dropped); restore_items too."""
     from trainer.checkpoint import CheckpointManager, restore_items
-    from trainer.state import abstract_with_shardings, create_state
+    from trainer.train_state import create_state
 
     small = tiny_config(tmp_path, *THREE_WAY, "mesh.fsdp=1", "mesh.tensor=1", "checkpoint.keep=10")
     spec1, mesh1, context1 = _spec(small, jax.devices()[:1])
@@ -128,7 +120,7 @@ def test_tables_are_repadded_both_ways_and_for_decoding(tmp_path):
         assert data == [{"position": 1}]
         manager.save(2, restored, {"position": 2}, force=True)
         manager.close()
-        target = {"params": abstract_with_shardings(spec3)["params"]}
+        target = {"params": spec3.restore_target()["params"]}
         params, step = restore_items(str(tmp_path / "checkpoints"), target, 1)  # the decode/export path
         assert step == 1
     for key, value in _flat(restored).items():

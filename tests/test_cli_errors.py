@@ -68,7 +68,6 @@ CASES = [
     ("end-lr-ratio", "train", [TINY, "workdir={W}", "train.end_learning_rate_ratio=1.5"],
      "train.end_learning_rate_ratio"),
     ("label-smoothing-one", "train", [TINY, "workdir={W}", "train.label_smoothing=1"], "train.label_smoothing"),
-    ("debug-step-zero", "train", [TINY, "workdir={W}", "train.debug_nonfinite_step=0"], "train.debug_nonfinite_step"),
     ("keep-period-negative", "train", [TINY, "workdir={W}", "checkpoint.keep_period=-1"], "checkpoint.keep_period"),
     ("keep-zero", "train", [TINY, "workdir={W}", "checkpoint.keep=0"], "checkpoint.keep"),
     ("seed-negative", "train", [TINY, "workdir={W}", "seed=-1"], "seed"),

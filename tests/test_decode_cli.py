@@ -16,7 +16,7 @@ LEARNING = ("model.d_model=64", "model.mlp_dim=256", "train.learning_rate=5e-3",
 def _eval_examples(cfg, n):
     """The first n held-out (source, reference) pairs as text, in the eval pipeline's order."""
     from trainer.data import build_pipeline
-    from trainer.generate import ids_to_text
+    from trainer.text import ids_to_text
 
     data = build_pipeline(cfg.data, split="eval", global_batch_size=cfg.train.batch_size, seed=cfg.seed,
                           vocab_size=cfg.model.vocab_size)
@@ -115,7 +115,7 @@ def test_eval_bleu_equals_sacrebleu_on_the_same_outputs(trained, tmp_path):
 def test_generation_metrics_match_sacrebleu_directly():
     import sacrebleu
 
-    from trainer.generate import generation_metrics
+    from trainer.generation_eval import generation_metrics
 
     outs = ["the cat sat on the mat", "a b c", "hello world", ""]
     refs = ["the cat sat on the mat", "a b d", "hello there world", "x"]

@@ -9,7 +9,8 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from model import ModelConfig, Transformer, attention, decoding, search, shift_right
+from model import ModelConfig, Transformer, attention, search, shift_right
+from model.transformer import cache_batch_axes
 
 EOS = 1
 
@@ -69,10 +70,9 @@ def test_cached_decoding_equals_full_forward(scan):
 def _mesh_and_rules():
     from sharding.mesh import make_mesh
     from sharding.rules import as_flax_rules, load_rules
-    from trainer.config import DEFAULT_RULES
 
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
-    rules = load_rules(DEFAULT_RULES)
+    rules = load_rules("default")
     return mesh, rules, as_flax_rules(rules)
 
 
@@ -80,13 +80,13 @@ def _mesh_and_rules():
 def test_cached_decoding_on_a_data_fsdp_tensor_mesh(scan):
     """On data=2,fsdp=2,tensor=2 the cache is sharded (batch over data+fsdp, heads over tensor) and
     the logits still equal the single-device full forward pass; so do greedy and beam outputs."""
-    from sharding.state import batch_sharding, tree_shardings
+    from sharding.pytrees import batch_sharding, tree_shardings
 
     cfg, graphdef, params = _model(scan)
     inputs, targets = _data()
     reference = jax.jit(_incremental_and_full, static_argnums=0)(graphdef, params, inputs, targets)[1]
-    ref_greedy = jax.jit(lambda p, x: decoding.generate(nnx.merge(graphdef, p), x, max_length=6))(params, inputs)
-    ref_beam = jax.jit(lambda p, x: decoding.generate(nnx.merge(graphdef, p), x, max_length=6, beam_size=3))(
+    ref_greedy = jax.jit(lambda p, x: nnx.merge(graphdef, p).generate(x, max_length=6))(params, inputs)
+    ref_beam = jax.jit(lambda p, x: nnx.merge(graphdef, p).generate(x, max_length=6, beam_size=3))(
         params, inputs
     )
 
@@ -97,10 +97,10 @@ def test_cached_decoding_on_a_data_fsdp_tensor_mesh(scan):
         fn = jax.jit(_incremental_and_full, static_argnums=0, in_shardings=(p_shard, b_shard, b_shard))
         incremental, full, cache = fn(graphdef, params, inputs, targets)
         greedy = jax.jit(
-            lambda p, x: decoding.generate(nnx.merge(graphdef, p), x, max_length=6), in_shardings=(p_shard, b_shard)
+            lambda p, x: nnx.merge(graphdef, p).generate(x, max_length=6), in_shardings=(p_shard, b_shard)
         )(params, inputs)
         beam = jax.jit(
-            lambda p, x: decoding.generate(nnx.merge(graphdef, p), x, max_length=6, beam_size=3),
+            lambda p, x: nnx.merge(graphdef, p).generate(x, max_length=6, beam_size=3),
             in_shardings=(p_shard, b_shard),
         )(params, inputs)
     full_spec = lambda x: tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
@@ -127,7 +127,7 @@ def _sharpened(scan=False, scale=3.0, **overrides):
 
 
 def _generate(graphdef, params, inputs, **kw):
-    fn = jax.jit(lambda p, x: decoding.generate(nnx.merge(graphdef, p), x, **kw))
+    fn = jax.jit(lambda p, x: nnx.merge(graphdef, p).generate(x, **kw))
     tokens, scores = fn(params, inputs)
     return np.asarray(tokens), np.asarray(scores)
 
@@ -147,9 +147,9 @@ def test_beam_size_1_equals_greedy():
 def _beam(model, inputs, beam_size, max_length, alpha):
     cache = model.init_cache(inputs, max_length)
     return search.beam_search(
-        decoding.make_step_fn(model),
+        model.search_step(),
         cache,
-        decoding.cache_batch_axes(cache),
+        cache_batch_axes(cache),
         batch_size=inputs.shape[0],
         beam_size=beam_size,
         max_length=max_length,
@@ -216,7 +216,7 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy():
 
     def sample(seed, **kw):
         fn = jax.jit(
-            lambda p, x, s: decoding.generate(nnx.merge(graphdef, p), x, max_length=8, rng=jax.random.key(s), **kw)
+            lambda p, x, s: nnx.merge(graphdef, p).generate(x, max_length=8, rng=jax.random.key(s), **kw)
         )
         return np.asarray(fn(params, inputs, seed)[0])
 
@@ -227,7 +227,7 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     np.testing.assert_array_equal(sample(7, temperature=1.0, top_k=1), greedy)
     np.testing.assert_array_equal(sample(3, temperature=0.7, top_p=1e-6), greedy)
     with pytest.raises(ValueError, match="rng"):
-        decoding.generate(nnx.merge(graphdef, params), inputs, max_length=4, temperature=1.0)
+        nnx.merge(graphdef, params).generate(inputs, max_length=4, temperature=1.0)
 
 
 def test_filter_logits_top_k_and_nucleus():

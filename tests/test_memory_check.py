@@ -16,9 +16,9 @@ from model import ModelConfig
 from sharding.mesh import make_mesh
 from sharding.rules import as_flax_rules, load_rules
 from tests.conftest import CONFIGS, ROOT
-from trainer.config import DEFAULT_RULES, ConfigError
+from trainer.config import ConfigError
 from trainer.memory import check_state_fits, host_available_bytes, state_bytes_per_device
-from trainer.state import create_state, make_state_spec
+from trainer.train_state import create_state, make_state_spec
 
 TINY = ModelConfig(vocab_size=50, d_model=64, num_heads=4, mlp_dim=128, encoder_layers=2, decoder_layers=2,
                    dropout=0.0, max_length=32)
@@ -27,7 +27,7 @@ TINY = ModelConfig(vocab_size=50, d_model=64, num_heads=4, mlp_dim=128, encoder_
 def _spec(mesh_shape):
     n = mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["tensor"]
     mesh = make_mesh(mesh_shape, jax.devices()[:n])
-    rules = load_rules(DEFAULT_RULES)
+    rules = load_rules("default")
     with jax.set_mesh(mesh), nn.logical_axis_rules(as_flax_rules(rules)):
         spec = make_state_spec(TINY, optax.adamw(1e-3), mesh, rules, seed=0)
     return spec, mesh, rules

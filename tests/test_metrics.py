@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import read_metrics, tiny_config
+from tests.conftest import nonfinite_loss_on_batch, read_metrics, tiny_config
 from trainer.metrics import MetricsWriter, repair_jsonl
 
 
@@ -82,8 +82,9 @@ def test_logged_learning_rate_is_the_applied_one_after_a_skipped_update(tmp_path
     from trainer.train import train
 
     cfg = tiny_config(tmp_path, "train.steps=5", "train.log_every=1", "train.warmup_steps=10",
-                      "train.debug_nonfinite_step=3", "train.on_nonfinite=skip", "checkpoint.save_final=false")
-    train(cfg, devices=jax.devices()[:1])
+                      "train.on_nonfinite=skip", "checkpoint.save_final=false")
+    with nonfinite_loss_on_batch(cfg, 3):
+        train(cfg, devices=jax.devices()[:1])
     records = read_metrics(tmp_path)
     schedule = learning_rate_schedule(cfg.train)
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]

@@ -1,6 +1,7 @@
 """Rules -> shardings: a golden table under the default rules, FSDP memory, rule errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -10,8 +11,7 @@ from jax.sharding import PartitionSpec as P
 from model import ModelConfig
 from sharding.mesh import MeshError, make_mesh, resolve_mesh_shape
 from sharding.rules import RulesError, as_flax_rules, load_rules, logical_to_spec
-from trainer.config import DEFAULT_RULES
-from trainer.state import create_state, make_state_spec
+from trainer.train_state import create_state, make_state_spec
 
 TINY = ModelConfig(vocab_size=50, d_model=64, num_heads=4, mlp_dim=128, encoder_layers=2, decoder_layers=2,
                    dropout=0.0, max_length=32)
@@ -46,7 +46,7 @@ def test_every_param_and_moment_matches_the_golden_table(scan):
 
     cfg = dataclasses.replace(TINY, scan_layers=scan)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    rules = load_rules(DEFAULT_RULES)
+    rules = load_rules("default")
     tx = optax.adamw(1e-3)
     with jax.set_mesh(mesh), nn.logical_axis_rules(as_flax_rules(rules)):
         spec = make_state_spec(cfg, tx, mesh, rules, seed=0)
@@ -66,7 +66,7 @@ def test_every_param_and_moment_matches_the_golden_table(scan):
 
 def test_fsdp8_state_bytes_per_device_are_an_eighth():
     mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
-    rules = load_rules(DEFAULT_RULES)
+    rules = load_rules("default")
     tx = optax.adamw(1e-3)
     with jax.set_mesh(mesh), nn.logical_axis_rules(as_flax_rules(rules)):
         spec = make_state_spec(TINY, tx, mesh, rules, seed=0)
@@ -83,7 +83,7 @@ def test_fsdp8_state_bytes_per_device_are_an_eighth():
 
 def test_params_are_created_on_their_shards_not_replicated():
     mesh = make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
-    rules = load_rules(DEFAULT_RULES)
+    rules = load_rules("default")
     with jax.set_mesh(mesh), nn.logical_axis_rules(as_flax_rules(rules)):
         spec = make_state_spec(TINY, optax.adamw(1e-3), mesh, rules, seed=0)
         state = create_state(spec)
@@ -158,11 +158,14 @@ def test_presets_match_their_golden_tables(name):
                                         if g != want]
 
 
-def test_every_preset_is_in_the_golden_tables_and_default_is_the_builtin_table():
+def test_every_preset_is_in_the_golden_tables_and_runs_default_to_the_default_preset():
     from sharding.rules import PRESET_DIR
+    from trainer.config import Config, load_config
 
     assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(PRESET_GOLDEN)
-    assert load_rules("default") == load_rules(DEFAULT_RULES)
+    # One home for the default table: configs/rules/default.yaml, which the golden tests above check.
+    assert Config().rules == "default"
+    assert load_config([]).rules == "default"
 
 
 def test_mesh_shape_fill_and_errors():
@@ -182,3 +185,33 @@ def test_vocab_padding_splits_over_any_mesh(tmp_path):
                       "model.vocab_size=50", "train.steps=2", "train.log_every=1", "checkpoint.save_final=false",
                       "train.batch_size=8"), devices=jax.devices())
     assert np.isfinite(read_metrics(tmp_path)[-1]["loss"])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESET_GOLDEN))
+def test_parameter_and_activation_resolvers_agree_on_every_logical_name(preset):
+    """Parameters resolve through sharding.rules, activations through Flax's resolver: same table, same answer."""
+    from model.axes import ALL_AXES
+
+    rules = load_rules(preset)
+    flax_rules = as_flax_rules(rules)
+    for name in ALL_AXES:
+        ours = logical_to_spec((name,), rules)
+        theirs = nn.logical_to_mesh_axes((name,), flax_rules)
+        assert tuple(ours) == tuple(theirs), (preset, name, ours, theirs)
+    # Two names that compete for one mesh axis: both resolvers give it to the first only.
+    for pair in [("activation_batch", "activation_embed"), ("embed", "mlp"), ("activation_heads", "activation_mlp")]:
+        assert tuple(logical_to_spec(pair, rules)) == tuple(nn.logical_to_mesh_axes(pair, flax_rules)), (preset, pair)
+
+
+def test_tracing_under_a_mesh_without_rules_is_an_error_and_without_a_mesh_a_no_op():
+    from flax import nnx
+
+    from model import Transformer
+    from model.axes import MissingRulesError
+
+    model = Transformer(TINY, rngs=nnx.Rngs(params=0))
+    x = jnp.ones((2, 8), jnp.int32)
+    assert model(x, x).shape == (2, 8, TINY.padded_vocab_size)  # unsharded: constraints do nothing
+    mesh = make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.devices()[:2])
+    with jax.set_mesh(mesh), pytest.raises(MissingRulesError, match="without logical-axis rules"):
+        jax.jit(lambda a: model(a, a))(x)

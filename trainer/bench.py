@@ -21,76 +21,46 @@ import sys
 import time
 from typing import Any
 
-from trainer.config import ConfigError, load_config
+import jax
+
+from trainer.config import Config, ConfigError, load_config
+from trainer.data.bench import pipeline_batches_per_sec
+from trainer.optim import make_optimizer
+from trainer.run import Run
+from trainer.step import jit_train_step
+from trainer.train_state import count_params, create_state
 
 _COMMAND_KEYS = ("bench.steps", "bench.pipeline_batches")
 
 
-def run(cfg: Any, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str, Any]:
-    from trainer.setup import init_devices, logical_context, mesh_and_rules, resolve_vocab_size, sized_model_config
-
-    init_devices(cfg)
-
-    import jax
-    import numpy as np
-
-    from sharding.rules import RulesError, axes_size
-    from sharding.state import batch_sharding
-    from trainer.data import build_pipeline, check_sources
-    from trainer.data.bench import pipeline_batches_per_sec
-    from trainer.flops import model_flops_per_step, peak_flops_per_device
-    from trainer.optim import make_optimizer
-    from trainer.state import count_params, create_state, make_state_spec
-    from trainer.step import jit_train_step
-    from trainer.train import check_batch
-
-    mesh, rules = mesh_and_rules(cfg)
-    check_batch(cfg, axes_size("batch", rules, mesh), jax.process_count())
-    try:
-        check_sources(cfg.data)
-        pipeline = build_pipeline(cfg.data, split="train", global_batch_size=cfg.train.batch_size, seed=cfg.seed,
-                                  process_index=jax.process_index(), process_count=jax.process_count(),
-                                  vocab_size=cfg.model.vocab_size)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from None
-    cfg = resolve_vocab_size(cfg, pipeline.vocab_size if pipeline.tokenizer is not None else None)
-    model_cfg = sized_model_config(cfg, mesh, rules)
-    flops = model_flops_per_step(model_cfg, cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length)
-    peak, peak_source = peak_flops_per_device(model_cfg.dtype)
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    peak_total = peak * (jax.process_count() if on_cpu else mesh.devices.size)
-
+def run(cfg: Config, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str, Any]:
+    setup = Run.from_config(cfg)
+    setup.check_train_batch()
+    setup, pipeline = setup.open_train_data()
+    cfg, model_cfg = setup.cfg, setup.model_cfg
+    flops, peak_total, peak_source = setup.flops()
     tx, schedule = make_optimizer(cfg.train)
-    with logical_context(mesh, rules):
-        try:
-            spec = make_state_spec(model_cfg, tx, mesh, rules, cfg.seed)
-        except RulesError as e:
-            raise ConfigError(str(e)) from None
+    with setup.context():
+        spec = setup.state_spec(tx)
         state = create_state(spec)
-        inputs_sharding = batch_sharding(mesh, rules)
         step_fn = jit_train_step(spec.graphdef, tx, schedule, vocab_size=cfg.model.vocab_size,
                                  label_smoothing=cfg.train.label_smoothing,
                                  grad_accum_steps=cfg.train.grad_accum_steps, skip_nonfinite=False,
-                                 state_shardings=spec.shardings, batch_sharding=inputs_sharding)
-
-        def to_global(local):
-            return {k: jax.make_array_from_process_local_data(inputs_sharding, v, (cfg.train.batch_size,) + v.shape[1:])
-                    for k, v in local.items()}
-
-        batches = [to_global(next(pipeline)) for _ in range(2 + steps)]
-        scale = np.float32(1.0)
+                                 state_shardings=spec.shardings, batch_sharding=setup.batch_sharding)
+        batches = [setup.to_global(next(pipeline)) for _ in range(2 + steps)]
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batches[0], scale).compile()
+        compiled = step_fn.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - t0
         for batch in batches[:2]:
-            state, metrics = compiled(state, batch, scale)
+            state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics["loss"])
         t0 = time.perf_counter()
         for batch in batches[2:]:
-            state, metrics = compiled(state, batch, scale)
+            state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics["loss"])
         step_s = (time.perf_counter() - t0) / steps
 
+    mesh = setup.mesh
     device0 = mesh.devices.flat[0]
     held = sum(shard.data.nbytes for x in jax.tree.leaves({"p": state["params"], "o": state["opt_state"]})
                for shard in x.addressable_shards if shard.device == device0)
@@ -163,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    import jax
-
     if jax.process_index() == 0:
         print(_table(result))
         print("bench: " + json.dumps(result))

@@ -30,11 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import yaml
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from model import axes
 from trainer.config import Config, ConfigError, to_dict
-from trainer.state import StateSpec, TrainState, abstract_with_shardings
+from trainer.train_state import StateSpec, TrainState
 
 # The `data` item's layout: 2 = exact per-array checksums (`arrays`) and a sha256 over the item;
 # checkpoints without `sha256` carry the older float `fingerprint` (still accepted).
@@ -143,7 +145,7 @@ class CheckpointManager:
         path = os.path.join(self.directory, str(step))
         try:
             restored = _restore_verified(
-                self._manager, step, abstract_with_shardings(self.spec), partial=False,
+                self._manager, step, self.spec.restore_target(), partial=False,
                 source=f"checkpoint {path}", config=to_dict(self.cfg),
                 advice=f"nothing in {os.path.abspath(self.cfg.workdir)} was changed: resume with the checkpoint's "
                        f"settings, or train this model in another workdir (checkpoint.restore_from=... starts "
@@ -185,7 +187,7 @@ class CheckpointManager:
         """Copies parameters (or the whole state) from another run's checkpoint."""
         directory, step = _resolve_checkpoint(path)
         wanted = ["params"] if self.cfg.checkpoint.restore_params_only else list(state)
-        restored, _ = restore_items(directory, {k: abstract_with_shardings(self.spec)[k] for k in wanted}, step,
+        restored, _ = restore_items(directory, {k: self.spec.restore_target()[k] for k in wanted}, step,
                                     source=f"checkpoint.restore_from={path}", config=to_dict(self.cfg))
         _log(f"initialised {' and '.join(wanted)} from {os.path.join(directory, str(step))}")
         return {**state, **restored}
@@ -417,10 +419,6 @@ def _match_arrays(saved: dict[str, tuple], wanted: dict[str, tuple], vocab_dims:
 
 def _vocab_dims(tree: Any) -> dict[str, int]:
     """Which dimension of each array is the (padded) vocabulary, from the parameters' logical axis names."""
-    from flax import nnx
-
-    from model import axes
-
     out = {}
     for path, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
         if isinstance(v, nnx.Variable):

@@ -24,7 +24,6 @@ from configs import CONFIG_DIR
 from model.config import ModelConfig
 from trainer.data.config import DataConfig
 from trainer.distributed import DistributedConfig
-from trainer.generate import DecodeConfig
 
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
@@ -85,8 +84,6 @@ class TrainConfig:
     # TensorBoard profile tab); process 0 only unless profile_all_processes.
     profile_steps: str | None = None
     profile_all_processes: bool = False
-    # Test-only: multiply the loss by inf at this step to exercise the non-finite handling.
-    debug_nonfinite_step: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,32 +97,80 @@ class CheckpointConfig:
     restore_params_only: bool = True
 
 
-DEFAULT_RULES: list[list[Any]] = [
-    # parameters
-    ["batch", ["data", "fsdp"]],
-    ["embed", "fsdp"],
-    ["mlp", "tensor"],
-    ["heads", "tensor"],
-    ["vocab", "tensor"],
-    ["kv", None],
-    ["length", None],
-    ["layers", None],
-    # activations: the batch already uses fsdp, so embed stays whole
-    ["activation_batch", ["data", "fsdp"]],
-    ["activation_length", None],
-    ["activation_embed", None],
-    ["activation_heads", "tensor"],
-    ["activation_kv", None],
-    ["activation_mlp", "tensor"],
-    ["activation_vocab", "tensor"],
-]
+MAX_SEED = 2**32 - 1  # numpy, Grain and the sampling keys take seeds in [0, 2**32)
+MAX_BEAM_SIZE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """The `decode:` section: search settings of the decode command and of eval generation."""
+
+    beam_size: int = 1  # 1 = greedy or sampling; > 1 = beam search
+    max_length: int | None = None  # generated tokens incl. EOS; None = data.targets_length
+    alpha: float = 0.6  # beam search length penalty ((5 + len) / 6) ** alpha
+    temperature: float = 0.0  # 0 = greedy (argmax); > 0 samples (beam_size must be 1)
+    top_k: int = 0  # sampling: keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # sampling: nucleus probability mass (1 = all)
+    seed: int = 0  # sampling: the same seed gives the same outputs
+    batch_size: int = 32  # decode command: global batch (rounded up to the data-parallel size)
+    eval_samples: int = 0  # eval examples that get generation metrics during training; 0 = off
+    eval_text_samples: int = 4  # of those, how many go to TensorBoard as text
+
+    def validate(self) -> None:
+        def fail(field: str, what: str) -> None:
+            raise ValueError(f"decode.{field}: {what}")
+
+        def integer(field: str, minimum: int) -> None:
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int):
+                fail(field, f"must be an integer, got {v!r}")
+            if v < minimum:
+                fail(field, f"must be >= {minimum}, got {v}")
+
+        for field, minimum in (("beam_size", 1), ("top_k", 0), ("seed", 0), ("batch_size", 1),
+                               ("eval_samples", 0), ("eval_text_samples", 0)):
+            integer(field, minimum)
+        if self.max_length is not None:
+            integer("max_length", 1)
+        if self.seed > MAX_SEED:
+            fail("seed", f"must be <= {MAX_SEED} (2**32 - 1), got {self.seed}")
+        if self.beam_size > MAX_BEAM_SIZE:
+            fail("beam_size", f"must be <= {MAX_BEAM_SIZE}, got {self.beam_size}")
+        if not 0 <= self.alpha < float("inf"):
+            fail("alpha", f"must be a finite number >= 0, got {self.alpha!r}")
+        if not 0 <= self.temperature < float("inf"):
+            fail("temperature", f"must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if self.beam_size > 1 and self.temperature > 0:
+            fail("temperature", f"sampling (temperature={self.temperature}) cannot be combined with beam "
+                 f"search (decode.beam_size={self.beam_size}); set one of them back to its default")
+        if self.temperature == 0 and (self.top_k or self.top_p < 1):
+            fail("temperature", "top_k / top_p only apply to sampling: set decode.temperature > 0 (e.g. 1.0)")
+
+    @property
+    def mode(self) -> str:
+        if self.beam_size > 1:
+            return f"beam search (beam {self.beam_size}, alpha {self.alpha})"
+        if self.temperature > 0:
+            return (f"sampling (temperature {self.temperature}, top_k {self.top_k}, top_p {self.top_p}, "
+                    f"seed {self.seed})")
+        return "greedy"
+
+
+def max_length_limit(data_cfg: Any, model_cfg: Any) -> int:
+    """The longest decode.max_length allowed: the learned position table's size, or (sinusoidal
+    positions, which have no table) the longer of model.max_length and data.targets_length."""
+    if model_cfg.positions == "learned":
+        return model_cfg.max_length
+    return max(model_cfg.max_length, data_cfg.targets_length)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     workdir: str = "runs/default"
     seed: int = 0
-    rules: Any = dataclasses.field(default_factory=lambda: DEFAULT_RULES)  # list of pairs or preset name
+    rules: Any = "default"  # a preset in configs/rules/ (docs/sharding.md) or a list of [name, axes] pairs
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -321,7 +366,6 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-MAX_SEED = 2**32 - 1  # numpy and Grain take seeds in [0, 2**32)
 
 
 def profile_range(spec: str) -> tuple[int, int] | None:
@@ -369,8 +413,6 @@ def validate(cfg: Config) -> None:
     _require(t.adam_eps > 0, "train.adam_eps", f"must be > 0 (it keeps Adam's division finite), got {t.adam_eps}")
     _require(t.grad_clip_norm >= 0, "train.grad_clip_norm",
              f"must be >= 0 (0 disables clipping), got {t.grad_clip_norm}")
-    _require(t.debug_nonfinite_step == -1 or t.debug_nonfinite_step >= 1, "train.debug_nonfinite_step",
-             f"must be -1 (off) or a step >= 1, got {t.debug_nonfinite_step}")
     for name in ("data", "fsdp", "tensor"):
         size = getattr(cfg.mesh, name)
         _require(size == -1 or size >= 1, f"mesh.{name}", f"must be -1 (fill) or >= 1, got {size}")
@@ -398,8 +440,6 @@ MAX_CPU_DEVICES = 4096
 
 def _validate_across_sections(cfg: Config) -> None:
     """Keys that are only wrong together (lengths vs positions, vocabulary vs data, eval data)."""
-    from trainer.generate import max_length_limit
-
     m, d = cfg.model, cfg.data
     longest = max(d.inputs_length, d.targets_length)
     if m.positions == "learned":

@@ -25,9 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import committed_steps
-from trainer.config import ConfigError, load_config, parse_overrides
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from trainer.checkpoint import committed_steps, restore_items
+from trainer.config import Config, ConfigError, load_config, parse_overrides
 from trainer.data.vocab import EOS_ID
+from trainer.run import Run
+from trainer.step import jit_generate
+from trainer.text import ids_to_text, pack_sources, text_to_ids, to_host
+from trainer.workdir import unwritable_reason
 
 # Command-line keys of this command that are not config keys.
 _COMMAND_KEYS = ("input", "output", "checkpoint_step")
@@ -123,48 +131,24 @@ def check_paths(options: dict[str, Any]) -> None:
     out = str(out)
     if os.path.isdir(out) or out.endswith(os.sep):
         raise ConfigError(f"output={out} is a directory; give the path of the file to write")
-    probe = os.path.dirname(os.path.abspath(out))
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ConfigError(f"output={out}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output={out}: {probe} is not writable")
+    reason = unwritable_reason(os.path.dirname(os.path.abspath(out)))
+    if reason is not None:
+        raise ConfigError(f"output={out}: {reason}")
 
 
-def decode(cfg: Any, options: dict[str, Any], directory: str, steps: list[int]) -> int:
-    from trainer.setup import init_devices, logical_context, mesh_and_rules, resolve_vocab_size, sized_model_config
-
-    init_devices(cfg)
-
-    import jax
-    import numpy as np
-
-    from sharding.rules import RulesError, axes_size
-    from sharding.state import batch_sharding
-    from trainer.checkpoint import restore_items
-    from trainer.data import load_tokenizer
-    from trainer.generate import (ids_to_text, make_generate_fn, pack_sources, resolve_max_length,
-                                  text_to_ids, to_host)
-    from trainer.optim import make_optimizer
-    from trainer.state import abstract_with_shardings, make_state_spec
-
+def decode(cfg: Config, options: dict[str, Any], directory: str, steps: list[int]) -> int:
+    run = Run.from_config(cfg)
     is_main = jax.process_index() == 0
 
     def log(message: str) -> None:
         if is_main:
             print(message, file=sys.stderr, flush=True)
 
-    mesh, rules = mesh_and_rules(cfg)
-    try:
-        tokenizer = load_tokenizer(cfg.data, cfg.workdir)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"cannot load the run's tokenizer: {e}") from None
-    cfg = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer is not None else None)
-    # The same vocabulary padding as training, so the parameter shapes match.
-    model_cfg = sized_model_config(cfg, mesh, rules)
-    max_length = resolve_max_length(cfg.decode, cfg.data, model_cfg)
-    rows_multiple = axes_size("batch", rules, mesh) * jax.process_count()
+    # The same vocabulary (and padding) as training, so the parameter shapes match.
+    run, tokenizer = run.with_run_tokenizer()
+    cfg = run.cfg
+    max_length = cfg.decode.max_length or cfg.data.targets_length  # the config checked it against the model
+    rows_multiple = run.batch_ways * jax.process_count()
     batch_size = -(-cfg.decode.batch_size // rows_multiple) * rows_multiple
 
     # Input: read and tokenize everything first (bad lines are reported before any compile).
@@ -187,19 +171,15 @@ def decode(cfg: Any, options: dict[str, Any], directory: str, steps: list[int]) 
         log(f"{truncated} source(s) longer than data.inputs_length={cfg.data.inputs_length} tokens were truncated")
 
     outputs = [""] * len(lines)
-    with logical_context(mesh, rules):
-        try:
-            spec = make_state_spec(model_cfg, make_optimizer(cfg.train)[0], mesh, rules, cfg.seed)
-        except RulesError as e:
-            raise ConfigError(str(e)) from None
-        target = {"params": abstract_with_shardings(spec)["params"]}
-        restored, step = restore_items(directory, target, options.get("checkpoint_step"))
+    with run.context():
+        spec = run.params_spec()
+        restored, step = restore_items(directory, {"params": spec.restore_target()}, options.get("checkpoint_step"))
         params = restored["params"]
         log(f"decoding with checkpoint step {step} ({os.path.join(directory, str(step))}); {cfg.decode.mode}, "
-            f"max_length {max_length}, batch {batch_size} on mesh {dict(mesh.shape)}")
-        inputs_sharding = batch_sharding(mesh, rules)
-        generate = make_generate_fn(spec.graphdef, cfg.decode, max_length=max_length,
-                                    param_shardings=spec.param_shardings, batch_sharding=inputs_sharding)
+            f"max_length {max_length}, batch {batch_size} on mesh {dict(run.mesh.shape)}")
+        inputs_sharding = run.batch_sharding
+        generate = jit_generate(spec.graphdef, cfg.decode, max_length=max_length,
+                                param_shardings=spec.shardings, batch_sharding=inputs_sharding)
         num_batches = -(-len(order) // batch_size)
         progress = _progress(num_batches, enabled=is_main and num_batches > 1)
         generated_tokens = 0
@@ -253,10 +233,8 @@ def write_output(out: str, text: str) -> None:
         raise ConfigError(f"output={out}: cannot write it ({e.strerror or e})") from None
 
 
-def _generated_lengths(tokens: Any) -> Any:
+def _generated_lengths(tokens: np.ndarray) -> np.ndarray:
     """Tokens generated per row, EOS included (the whole row when there is no EOS)."""
-    import numpy as np
-
     is_eos = tokens == EOS_ID
     has = is_eos.any(axis=1)
     return np.where(has, is_eos.argmax(axis=1) + 1, tokens.shape[1])
@@ -273,8 +251,6 @@ class _NoProgress:
 def _progress(total: int, *, enabled: bool) -> Any:
     if not enabled:
         return _NoProgress()
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="batch", desc="decoding", file=sys.stderr)
 
 

@@ -21,7 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, dump_yaml, load_config
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from trainer.checkpoint import committed_steps, restore_items
+from trainer.config import Config, ConfigError, dump_yaml, load_config
+from trainer.run import Run
+from trainer.workdir import unwritable_reason
 
 _COMMAND_KEYS = ("output", "dtype", "checkpoint_step")
 
@@ -47,8 +54,6 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
     if "checkpoint_step" in options and not options["checkpoint_step"].isdigit():
         raise ConfigError(f"checkpoint_step must be a step number, got {options['checkpoint_step']!r}")
     # Everything that can be checked without devices, so a mistake never costs a restore.
-    from trainer.checkpoint import committed_steps
-
     directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
     steps = committed_steps(directory)
     if not steps:
@@ -61,52 +66,26 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
     if output:
         if os.path.exists(output):
             raise ConfigError(f"output={output} already exists; choose another folder (nothing is overwritten)")
-        probe = os.path.dirname(os.path.abspath(output))
-        while not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-            raise ConfigError(f"output={output}: {probe} is not a writable directory")
+        reason = unwritable_reason(output)
+        if reason is not None:
+            raise ConfigError(f"output={output}: {reason}")
     elif options.get("output") is not None:
         raise ConfigError("output= is empty; give a folder that does not exist yet (or leave output out)")
     return cfg, options
 
 
-def export(cfg: Any, options: dict[str, str]) -> str:
+def export(cfg: Config, options: dict[str, str]) -> str:
     """Restores the parameters onto this machine's devices and writes the export; returns its path."""
-    from trainer.setup import init_devices, logical_context, mesh_and_rules, resolve_vocab_size, sized_model_config
-
-    init_devices(cfg)
-
-    import jax
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-
-    from trainer.checkpoint import restore_items
-    from trainer.optim import make_optimizer
-    from trainer.state import abstract_with_shardings, make_state_spec
-
     # The export only needs to hold the parameters: FSDP over whatever devices are here.
     cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=1))
+    run = Run.from_config(cfg)
     if cfg.model.vocab_size is None:  # a config that leaves it to the tokenizer: ask the (cached) tokenizer
-        from trainer.data import load_tokenizer
-
-        try:
-            tokenizer = load_tokenizer(cfg.data, cfg.workdir)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"cannot load the run's tokenizer: {e}") from None
-        cfg = resolve_vocab_size(cfg, tokenizer.vocab_size if tokenizer is not None else None)
-    mesh, rules = mesh_and_rules(cfg)
-    model_cfg = sized_model_config(cfg, mesh, rules)
+        run, _ = run.with_run_tokenizer()
+    cfg, model_cfg = run.cfg, run.model_cfg
     directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
     step = int(options["checkpoint_step"]) if "checkpoint_step" in options else None
-    from sharding.rules import RulesError
-
-    with logical_context(mesh, rules):
-        try:
-            spec = make_state_spec(model_cfg, make_optimizer(cfg.train)[0], mesh, rules, cfg.seed)
-        except RulesError as e:
-            raise ConfigError(str(e)) from None
-        restored, step = restore_items(directory, {"params": abstract_with_shardings(spec)["params"]}, step)
+    with run.context():
+        restored, step = restore_items(directory, {"params": run.params_spec().restore_target()}, step)
     dtype = jnp.dtype(options.get("dtype", "float32"))
     params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                           restored["params"])

@@ -22,6 +22,10 @@ import socket
 import zlib
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from trainer.config import ConfigError
 
 FIX_KEYS = ("a smaller model (model.d_model, model.mlp_dim, model.num_heads, model.encoder_layers, "
@@ -47,8 +51,6 @@ def _shard_shape(shape: tuple[int, ...], sharding: Any) -> tuple[int, ...]:
 
 
 def _nbytes(abstract: Any, shardings: Any) -> int:
-    import jax
-    import numpy as np
 
     leaves, shards = jax.tree.leaves(abstract), jax.tree.leaves(shardings)
     if len(leaves) != len(shards):
@@ -105,9 +107,6 @@ def host_available_bytes() -> int | None:
 
 
 def _processes_on_this_host() -> int:
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
         return 1
@@ -146,7 +145,6 @@ def check_state_fits(spec: Any, mesh: Any, *, available: tuple[int | None, str] 
 
     `available` (bytes per device, source) replaces the measurement (tests).
     """
-    import jax
 
     parts = state_bytes_per_device(spec)
     needed = sum(parts.values())

@@ -35,6 +35,7 @@ import numpy as np
 
 from trainer.data import sources as S
 from trainer.data.config import DataConfig
+from trainer.workdir import unwritable_reason
 
 
 def _histogram(lengths: list[int]) -> dict[str, int]:
@@ -199,13 +200,9 @@ def check_out(out: str) -> None:
     """`--out` must be a directory (new or existing) that can be written; nothing is created here."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out: {out} is a file, not a directory")
-    probe = os.path.abspath(out)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise ValueError(f"--out: {out} cannot be created: {probe} is a file")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"--out: {out} cannot be written ({probe} is not writable)")
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise ValueError(f"--out: {out} cannot be created: {reason}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,8 @@
-"""The jitted train and eval steps: loss, gradient accumulation, optimizer update."""
+"""The jitted functions the commands run: train step, eval step and generation.
+
+Each is a plain function of (params or state, batch) plus static settings, jitted with explicit
+in/out shardings so the same code runs on one device or a pod.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from trainer.state import TrainState
+from trainer.config import DecodeConfig
+from trainer.data.vocab import EOS_ID
+from trainer.train_state import TrainState
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, *, vocab_size: int,
@@ -48,14 +55,13 @@ def _weights(batch: dict[str, jax.Array]) -> jax.Array:
     return ((seg > 0) if seg is not None else (batch["targets"] > 0)).astype(jnp.float32)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], loss_scale: jax.Array, *, graphdef: Any,
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any,
                tx: optax.GradientTransformation, schedule: optax.Schedule, vocab_size: int, label_smoothing: float,
                grad_accum_steps: int, skip_nonfinite: bool) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over the global batch, split into `grad_accum_steps` microbatches.
 
     Gradients of the summed loss are accumulated and divided by the total number of target
-    tokens once, so accumulation gives the same update as one big batch. `loss_scale` is 1
-    except in tests that inject a non-finite loss.
+    tokens once, so accumulation gives the same update as one big batch.
     """
     step = state["step"]
     base_rng = jax.random.wrap_key_data(state["rng"])
@@ -89,8 +95,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_scale: jax.A
             accumulate, init, (micro_batches, jnp.arange(grad_accum_steps)))
 
     denom = jnp.maximum(weight_sum, 1.0)
-    grads = jax.tree.map(lambda g: g * loss_scale / denom, grads)
-    loss = loss_sum * loss_scale / denom
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
@@ -127,15 +133,40 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, vocab_
     return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct}
 
 
-def jit_train_step(graphdef, tx, schedule, *, vocab_size: int, label_smoothing: float, grad_accum_steps: int,
-                   skip_nonfinite: bool, state_shardings, batch_sharding):
+def jit_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *, vocab_size: int,
+                   label_smoothing: float, grad_accum_steps: int, skip_nonfinite: bool, state_shardings: Any,
+                   batch_sharding: NamedSharding) -> Any:
+    """`(state, batch) -> (state, metrics)`, the state donated and kept on its shardings."""
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, vocab_size=vocab_size,
                            label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
                            skip_nonfinite=skip_nonfinite)
-    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding, None),
+    return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def jit_eval_step(graphdef, *, vocab_size: int, param_shardings, batch_sharding):
+def jit_eval_step(graphdef: Any, *, vocab_size: int, param_shardings: Any, batch_sharding: NamedSharding) -> Any:
+    """`(params, batch) -> sums` of loss, weights and correct tokens."""
     fn = functools.partial(eval_step, graphdef=graphdef, vocab_size=vocab_size)
     return jax.jit(fn, in_shardings=(param_shardings, batch_sharding))
+
+
+def generate(params: Any, inputs: jax.Array, seed: jax.Array, *, graphdef: Any, decode_cfg: DecodeConfig,
+             max_length: int) -> tuple[jax.Array, jax.Array]:
+    """The configured search (`decode.*`) for `inputs`; `seed` keys sampling."""
+    model = nnx.merge(graphdef, params)
+    rng = jax.random.key(seed) if decode_cfg.temperature > 0 else None
+    return model.generate(inputs, max_length=max_length, beam_size=decode_cfg.beam_size, alpha=decode_cfg.alpha,
+                          temperature=decode_cfg.temperature, top_k=decode_cfg.top_k, top_p=decode_cfg.top_p,
+                          rng=rng, eos_id=EOS_ID)
+
+
+def jit_generate(graphdef: Any, decode_cfg: DecodeConfig, *, max_length: int, param_shardings: Any,
+                 batch_sharding: NamedSharding) -> Any:
+    """`(params, inputs [batch, src_len], seed) -> (tokens [batch, max_length], scores [batch])`.
+
+    Inputs and outputs are sharded like a batch (rows over the data-parallel axes); the cache
+    inside follows the logical-axis rules. Trace it under the run's context (`Run.context()`).
+    """
+    fn = functools.partial(generate, graphdef=graphdef, decode_cfg=decode_cfg, max_length=max_length)
+    rows = NamedSharding(batch_sharding.mesh, PartitionSpec(batch_sharding.spec[0]))
+    return jax.jit(fn, in_shardings=(param_shardings, batch_sharding, None), out_shardings=(batch_sharding, rows))

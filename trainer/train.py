@@ -6,14 +6,33 @@ Every check that can fail on user input runs before the first compile.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
+import shutil
 import sys
 import time
 from typing import Any
 
-from trainer.config import Config, ConfigError, dump_yaml, load_config
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
+from trainer import checkpoint as ckpt
+from trainer.config import Config, ConfigError, dump_yaml, load_config
+from trainer.data.pipeline import derive_stats
+from trainer.data.stream import DataError
+from trainer.generation_eval import GenerationEval, format_samples
+from trainer.memory import check_state_fits
+from trainer.metrics import Console, MetricsWriter
+from trainer.optim import make_optimizer
+from trainer.preemption import PreemptionWatch
+from trainer.profiling import StepProfiler
+from trainer.run import Run
+from trainer.step import jit_eval_step, jit_train_step
+from trainer.train_state import count_params, create_state
+from trainer.workdir import check_workdir, existing_ancestor, lock_workdir
 
 # Exit codes of `python -m trainer.train` (README, "Exit codes"); 3 is a distributed join timeout
 # (trainer.distributed.INIT_TIMEOUT_EXIT_CODE).
@@ -23,8 +42,6 @@ EXIT_DISK_FULL = 5  # no space left on the device while writing the workdir (che
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.setup import check_workdir
-
     cfg = None
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
@@ -47,18 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def disk_full_message(error: BaseException, workdir: str) -> str | None:
     """One line naming the path and the free bytes when `error` (or what caused it) is ENOSPC."""
-    import errno
-    import shutil
-
     seen = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             path = os.path.abspath(os.fsdecode(e.filename) if e.filename else workdir)
-            probe = path
-            while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-                probe = os.path.dirname(probe)
+            probe = existing_ancestor(path)
             try:
                 free = f"{shutil.disk_usage(probe).free:,} bytes free"
             except OSError:
@@ -73,90 +85,45 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
     """Runs training as configured; returns the last logged train and eval metrics.
 
     `devices` restricts the mesh to some of the devices (tests compare meshes in one process).
-    The workdir is locked for the run (one run per workdir, trainer.workdir) and unlocked at its end.
+    The workdir is locked for the run (one run per workdir, trainer.workdir) and unlocked at its end;
+    everything the run opens (input workers, checkpoint manager, writers, signal handlers) is
+    closed on the way out, however it ends.
     """
-    import contextlib
-
     with contextlib.ExitStack() as cleanup:
         return _train(cfg, devices=devices, cleanup=cleanup)
 
 
-def _train(cfg: Config, *, devices: list | None, cleanup: Any) -> dict[str, Any]:
-    # Devices first: simulated CPU devices and jax.distributed must be set before JAX starts.
-    from trainer.setup import init_devices, logical_context, mesh_and_rules, resolve_vocab_size, sized_model_config
-
-    init_devices(cfg)
-
+def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+    run = Run.from_config(cfg, devices)  # devices first: jax.distributed before any JAX computation
     # One run per workdir: locked before anything is written there or the checkpoints are opened
     # (their start-up clean-up would delete a live run's in-flight save); ConfigError when taken.
-    from trainer.workdir import lock_workdir
-
     workdir_lock = lock_workdir(cfg.workdir)
     if workdir_lock is not None:
         cleanup.callback(workdir_lock.release)
 
-    import jax
-    import numpy as np
-
-    from sharding.rules import RulesError, axes_size
-    from sharding.state import batch_sharding
-    from trainer import checkpoint as ckpt
-    from trainer.data import build_pipeline, check_sources
-    from trainer.data.stream import DataError
-    from trainer.preemption import PreemptionWatch
-    from trainer.profiling import StepProfiler
-    from trainer.flops import model_flops_per_step, peak_flops_per_device
-    from trainer.metrics import Console, MetricsWriter
-    from trainer.optim import make_optimizer
-    from trainer.state import count_params, create_state, make_state_spec
-    from trainer.step import jit_eval_step, jit_train_step
-
     is_main = jax.process_index() == 0
     console = Console(cfg.train.steps, enabled=is_main)
-
-    # Mesh and rules; the vocabulary padded so it splits over whatever `vocab` maps to.
-    mesh, rules = mesh_and_rules(cfg, devices)
-    check_batch(cfg, axes_size("batch", rules, mesh), jax.process_count())
-    console.log(f"mesh: {dict(mesh.shape)} over {mesh.devices.size} devices "
+    run.check_train_batch()
+    console.log(f"mesh: {dict(run.mesh.shape)} over {run.mesh.devices.size} devices "
                 f"({jax.process_count()} process(es), {jax.local_device_count()} local)")
 
-    # Data: sources are checked before anything is compiled.
-    try:
-        check_sources(cfg.data)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(str(e)) from None
-    pipeline_args = dict(global_batch_size=cfg.train.batch_size, seed=cfg.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count(), vocab_size=cfg.model.vocab_size)
-    try:
-        train_data = build_pipeline(cfg.data, split="train", **pipeline_args)
-    except (ValueError, FileNotFoundError) as e:  # e.g. a vocabulary the corpus cannot support
-        raise ConfigError(str(e)) from None
-    # model.vocab_size defaults to the tokenizer's size (an explicit one must equal it); config.yaml
-    # records the resolved value.
-    cfg = resolve_vocab_size(cfg, train_data.vocab_size if train_data.tokenizer is not None else None)
-    pipeline_args["vocab_size"] = cfg.model.vocab_size
-    pipeline_args["sources"] = train_data.source_set  # eval and generation reuse the tokenizer and indexes
-    model_cfg = sized_model_config(cfg, mesh, rules)
-
-    # MFU's denominator. Simulated CPU devices share the host's cores: the peak is per host.
-    flops = model_flops_per_step(model_cfg, cfg.train.batch_size, cfg.data.inputs_length, cfg.data.targets_length)
-    peak, peak_source = peak_flops_per_device(model_cfg.dtype)
-    peak_total = peak * (jax.process_count() if mesh.devices.flat[0].platform == "cpu" else mesh.devices.size)
+    # Data: sources checked before anything compiles. model.vocab_size defaults to the tokenizer's
+    # size (an explicit one must equal it); config.yaml records the resolved value.
+    run, train_data = run.open_train_data()
+    cleanup.callback(train_data.close)
+    cfg, model_cfg = run.cfg, run.model_cfg
+    flops, peak_total, peak_source = run.flops()
     console.log(f"model FLOPs/step {flops / 1e9:.2f} GFLOP; peak {peak_total / 1e12:.3f} TFLOP/s ({peak_source})")
 
     # State: shapes and shardings are resolved abstractly (errors name the parameter).
     tx, schedule = make_optimizer(cfg.train)
-    with logical_context(mesh, rules):
-        try:
-            spec = make_state_spec(model_cfg, tx, mesh, rules, cfg.seed)
-        except RulesError as e:
-            raise ConfigError(str(e)) from None
-        from trainer.memory import check_state_fits
-
-        check_state_fits(spec, mesh)  # a state too large for the devices: ConfigError before allocating
+    with run.context():
+        spec = run.state_spec(tx)
+        check_state_fits(spec, run.mesh)  # a state too large for the devices: ConfigError before allocating
         # Restore first: a checkpoint of another model is a ConfigError that leaves the workdir
         # untouched; a resume with changed settings keeps the old config.yaml as config.STEP.yaml.
-        manager = ckpt.CheckpointManager(cfg, spec, mesh)
+        manager = ckpt.CheckpointManager(cfg, spec, run.mesh)
+        cleanup.callback(manager.close)
         state, data_state = manager.restore_or_init(create_state)
         if data_state is not None:
             try:  # the global position: any number of processes continues at the next global batch
@@ -173,42 +140,35 @@ def _train(cfg: Config, *, devices: list | None, cleanup: Any) -> dict[str, Any]
                     f"(vocab {cfg.model.vocab_size} padded to {model_cfg.padded_vocab_size})"
                     + (f"; resumed at step {start_step}" if start_step else ""))
 
-        inputs_sharding = batch_sharding(mesh, rules)
         step_fn = jit_train_step(spec.graphdef, tx, schedule, vocab_size=cfg.model.vocab_size,
                                  label_smoothing=cfg.train.label_smoothing,
                                  grad_accum_steps=cfg.train.grad_accum_steps,
                                  skip_nonfinite=cfg.train.on_nonfinite == "skip",
-                                 state_shardings=spec.shardings, batch_sharding=inputs_sharding)
+                                 state_shardings=spec.shardings, batch_sharding=run.batch_sharding)
         eval_fn = jit_eval_step(spec.graphdef, vocab_size=cfg.model.vocab_size,
-                                param_shardings=spec.param_shardings, batch_sharding=inputs_sharding)
+                                param_shardings=spec.param_shardings, batch_sharding=run.batch_sharding)
 
         writer = MetricsWriter(cfg.workdir, enabled=is_main, resume_step=start_step)
+        cleanup.callback(writer.close)
         if is_main:
             console.log(f"workdir: {os.path.abspath(cfg.workdir)}\n"
                         f"tensorboard: tensorboard --logdir {os.path.abspath(writer.tensorboard_dir)} --host localhost")
 
-        def to_global(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-            return {k: jax.make_array_from_process_local_data(
-                inputs_sharding, v, (cfg.train.batch_size,) + v.shape[1:]) for k, v in local.items()}
-
         # Generation metrics on a fixed sample of eval examples (decode.eval_samples > 0).
         gen_eval = None
         if cfg.decode.eval_samples > 0 and cfg.train.eval_every:
-            from trainer.generate import GenerationEval, format_samples
-
-            gen_eval = GenerationEval(cfg, spec.graphdef, model_cfg, param_shardings=spec.param_shardings,
-                                      batch_sharding=inputs_sharding, to_global=to_global,
-                                      pipeline_args=pipeline_args, tokenizer=train_data.tokenizer)
+            gen_eval = GenerationEval(run, spec.graphdef, param_shardings=spec.param_shardings,
+                                      tokenizer=train_data.tokenizer)
 
         def run_eval(step: int) -> dict[str, float]:
-            eval_data = build_pipeline(cfg.data, split="eval", **pipeline_args)
             sums = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
-            for i, local in enumerate(eval_data):
-                if cfg.train.eval_batches and i >= cfg.train.eval_batches:
-                    break
-                out = jax.device_get(eval_fn(state["params"], to_global(local)))
-                for k in sums:
-                    sums[k] += float(out[k])
+            with run.pipeline("eval") as eval_data:
+                for i, local in enumerate(eval_data):
+                    if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+                        break
+                    out = jax.device_get(eval_fn(state["params"], run.to_global(local)))
+                    for k in sums:
+                        sums[k] += float(out[k])
             denom = max(sums["weight_sum"], 1.0)
             record = {"step": step, "split": "eval", "loss": sums["loss_sum"] / denom,
                       "accuracy": sums["correct_sum"] / denom, "tokens": sums["weight_sum"]}
@@ -223,10 +183,13 @@ def _train(cfg: Config, *, devices: list | None, cleanup: Any) -> dict[str, Any]
             return record
 
         stop = PreemptionWatch()
+        cleanup.callback(stop.close)
         profiler = StepProfiler(cfg.train.profile_steps, os.path.join(cfg.workdir, "tensorboard"),
                                 all_processes=cfg.train.profile_all_processes)
+        cleanup.callback(profiler.stop)
         last: dict[str, Any] = {}
         tokens_per_step = cfg.train.batch_size * (cfg.data.inputs_length + cfg.data.targets_length)
+        devices_in_mesh = run.mesh.devices.size
         skipped = 0
         timer = _StepTimer()
         step = start_step
@@ -234,7 +197,7 @@ def _train(cfg: Config, *, devices: list | None, cleanup: Any) -> dict[str, Any]
         def fetch() -> tuple[dict[str, jax.Array], dict[str, Any]]:
             """The next batch and the data position right after it (saved with a step that trained it)."""
             local = next(train_data)
-            return to_global(local), train_data.get_state()
+            return run.to_global(local), train_data.get_state()
 
         def report(done: int, metrics: dict[str, jax.Array]) -> None:
             """Step `done`'s numbers on the host: non-finite handling, logging (MaxText's one-step-late read)."""
@@ -244,7 +207,6 @@ def _train(cfg: Config, *, devices: list | None, cleanup: Any) -> dict[str, Any]
             timer.tick(done)
             if not bool(host["finite"]):
                 if cfg.train.on_nonfinite == "stop":
-                    manager.close()
                     raise FloatingPointError(
                         f"non-finite loss or gradient at step {done} (loss {float(host['loss'])}, grad_norm "
                         f"{float(host['grad_norm'])}); the last good checkpoint is kept in {manager.directory}. "
@@ -257,8 +219,8 @@ def _train(cfg: Config, *, devices: list | None, cleanup: Any) -> dict[str, Any]
                 record = {"step": done, "split": "train", "loss": float(host["loss"]),
                           "accuracy": float(host["accuracy"]), "learning_rate": float(host["learning_rate"]),
                           "grad_norm": float(host["grad_norm"]), "tokens_per_sec": tps,
-                          "per_device_tokens_per_sec": tps and tps / mesh.devices.size,
-                          "per_device_tflops_per_sec": step_time and flops / step_time / mesh.devices.size / 1e12,
+                          "per_device_tokens_per_sec": tps and tps / devices_in_mesh,
+                          "per_device_tflops_per_sec": step_time and flops / step_time / devices_in_mesh / 1e12,
                           "step_time_s": step_time, "mfu": step_time and flops / step_time / peak_total,
                           "skipped_steps": skipped}
                 record.update(_data_stats(train_data))
@@ -271,9 +233,8 @@ def _train(cfg: Config, *, devices: list | None, cleanup: Any) -> dict[str, Any]
         batch, batch_position = fetch() if step < cfg.train.steps else (None, None)
         unread = None  # (step, metrics): dispatched, numbers not read yet
         while step < cfg.train.steps:
-            loss_scale = np.float32(np.inf if step + 1 == cfg.train.debug_nonfinite_step else 1.0)
             profiler.before_step(step + 1)
-            state, metrics = step_fn(state, batch, loss_scale)
+            state, metrics = step_fn(state, batch)
             step += 1
             position = batch_position
             # Load the next batch while the step runs; then read the previous step's numbers, so the
@@ -296,29 +257,14 @@ def _train(cfg: Config, *, devices: list | None, cleanup: Any) -> dict[str, Any]
                 manager.save(step, state, position, force=True)
                 timer.pause()  # the blocking part of an async save is not a train step
             if preempted:
-                stop.close()
-                manager.close()
-                writer.close()
-                train_data.close()
                 console.log(f"preempted: saved a checkpoint at step {step} in {manager.directory}; exiting")
                 return last
-        profiler.stop()
-        stop.close()
-        manager.close()
-        writer.close()
-        train_data.close()
         console.log(f"done: {step} steps; outputs in {os.path.abspath(cfg.workdir)}")
         return last
 
 
 def _data_stats(pipeline: Any) -> dict[str, Any]:
     """The input pipeline's figures summed over every process (one small all-gather per log)."""
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    from trainer.data.pipeline import derive_stats
-
     counters = pipeline.counters
     if jax.process_count() > 1:
         keys = sorted(counters)
@@ -349,15 +295,6 @@ class _StepTimer:
             self._last_mean = (time.perf_counter() - self._start) / self._steps
         self._start, self._steps = time.perf_counter(), 0
         return self._last_mean
-
-
-def check_batch(cfg: Config, batch_ways: int, process_count: int) -> None:
-    b, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
-    if b % process_count:
-        raise ConfigError(f"train.batch_size ({b}) must be divisible by the number of processes ({process_count})")
-    if (b // accum) % batch_ways:
-        raise ConfigError(f"train.batch_size ({b}) / train.grad_accum_steps ({accum}) must be divisible by the "
-                          f"data-parallel size {batch_ways} (mesh.data * mesh.fsdp under the `batch` rule)")
 
 
 def _write_atomic(path: str, text: str) -> None:

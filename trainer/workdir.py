@@ -163,6 +163,34 @@ def _read(fd: int) -> str:
         return ""
 
 
+def existing_ancestor(path: str) -> str:
+    """`path` itself or its nearest ancestor that exists: where missing folders would be created."""
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    return probe
+
+
+def unwritable_reason(path: str) -> str | None:
+    """Why files or folders cannot be created at `path` (None when they can), checked on the
+    nearest existing ancestor without creating anything."""
+    probe = existing_ancestor(path)
+    if not os.path.isdir(probe):
+        return f"{probe} is {'a file' if os.path.exists(probe) else 'not a directory'}, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def check_workdir(workdir: str) -> None:
+    """A workdir that cannot hold a run (a file, or not writable) is a ConfigError; nothing is created."""
+    if not str(workdir).strip():
+        raise ConfigError("config key `workdir` must not be empty")
+    reason = unwritable_reason(workdir)
+    if reason is not None:
+        raise ConfigError(f"config key `workdir` is {workdir!r}, but {reason}")
+
+
 def lock_workdir(workdir: str) -> WorkdirLock | None:
     """Process 0 takes the workdir lock; every process raises the same ConfigError when it cannot.
 

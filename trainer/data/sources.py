@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import sys
 from typing import Callable, Iterable
 
@@ -14,7 +15,7 @@ import grain
 import numpy as np
 
 from trainer.data import span_corruption
-from trainer.data.config import DataConfig
+from trainer.data.config import MIN_SPM_PIECES, DataConfig
 from trainer.data.stream import RecordError
 from trainer.data.vocab import (
     NUM_RESERVED,
@@ -137,10 +138,6 @@ def spm_size_error(cfg: DataConfig, message: str) -> str:
     distinct pieces in the text) or `Vocabulary size is smaller than required_chars. N vs M.`
     (more distinct characters than pieces); M counts pieces, data.vocab_size adds the sentinels.
     """
-    import re
-
-    from trainer.data.config import MIN_SPM_PIECES
-
     s = cfg.num_sentinels
     first = " ".join(message.split())
     high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)

@@ -17,10 +17,23 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from model import ModelConfig, Transformer
+from sharding.pytrees import tree_shardings
 from sharding.rules import Rules
-from sharding.state import tree_shardings
 
 TrainState = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamsSpec:
+    """The parameters alone on a mesh: what decoding and export restore (no optimizer)."""
+
+    graphdef: Any  # the model's NNX graph definition (static)
+    abstract: Any  # ShapeDtypeStructs of the parameters
+    shardings: Any  # NamedShardings of the parameters
+
+    def restore_target(self) -> Any:
+        """ShapeDtypeStructs carrying concrete shardings: the target Orbax restores into."""
+        return with_shardings(self.abstract, self.shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +48,22 @@ class StateSpec:
     @property
     def param_shardings(self) -> Any:
         return self.shardings["params"]
+
+    def restore_target(self) -> TrainState:
+        return with_shardings(self.abstract, self.shardings)
+
+
+def _abstract_model(model_cfg: ModelConfig, seed: int) -> tuple[Any, Any]:
+    """The graph definition and the abstract parameters, nothing allocated."""
+    with nnx.use_eager_sharding(False):
+        abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
+        return nnx.split(abstract_model, nnx.Param)
+
+
+def make_params_spec(model_cfg: ModelConfig, mesh: Mesh, rules: Rules) -> ParamsSpec:
+    """The parameters' shapes and shardings (errors name the parameter), for restoring them alone."""
+    graphdef, abstract = _abstract_model(model_cfg, seed=0)
+    return ParamsSpec(graphdef=graphdef, abstract=abstract, shardings=tree_shardings(abstract, mesh, rules))
 
 
 def make_state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules,
@@ -56,9 +85,8 @@ def make_state_spec(model_cfg: ModelConfig, tx: optax.GradientTransformation, me
             "rng": jax.random.key_data(jax.random.key(seed + 1)),
         }
 
+    graphdef, _ = _abstract_model(model_cfg, seed)
     with nnx.use_eager_sharding(False):
-        abstract_model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(params=seed)))
-        graphdef, _ = nnx.split(abstract_model, nnx.Param)
         abstract = jax.eval_shape(init_fn)
     shardings = tree_shardings(abstract, mesh, rules)
     return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings, init_fn=init_fn)
@@ -70,11 +98,11 @@ def create_state(spec: StateSpec) -> TrainState:
         return jax.jit(spec.init_fn, out_shardings=spec.shardings)()
 
 
-def abstract_with_shardings(spec: StateSpec) -> TrainState:
-    """ShapeDtypeStructs carrying concrete shardings: the target Orbax restores into."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        spec.abstract, spec.shardings)
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `abstract` carrying the concrete `shardings`."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def count_params(params: Any) -> int:
+    """Number of parameter values (all leaves' sizes)."""
     return sum(x.size for x in jax.tree.leaves(params))
