@@ -6,6 +6,8 @@ Every block takes its compute dtype from the config and casts its float32-stored
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,14 +53,48 @@ class Norm(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        if self.kind == "layernorm":
-            x = x - jnp.mean(x, axis=-1, keepdims=True)
-        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        y = y * self.scale[...].astype(jnp.float32)
+        y = scaled_norm(x.astype(jnp.float32), self.scale[...].astype(jnp.float32), self.eps,
+                        self.kind == "layernorm")
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
+
+
+def _normalized(x: jax.Array, eps: float, center: bool) -> tuple[jax.Array, jax.Array]:
+    if center:
+        x = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return x * rstd, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def scaled_norm(x: jax.Array, scale: jax.Array, eps: float, center: bool) -> jax.Array:
+    """`normalize(x) * scale` over the last axis: LayerNorm without bias (`center`) or RMSNorm.
+
+    The backward pass is written out (two row reductions and one elementwise pass) instead of
+    left to autodiff, whose mean-subtraction terms XLA fuses along the residual stream into
+    long chains that it recomputes in every consumer (the profile of the reference step showed
+    about 10% of the step there).
+    """
+    return _normalized(x, eps, center)[0] * scale
+
+
+def _scaled_norm_fwd(x: jax.Array, scale: jax.Array, eps: float, center: bool) -> tuple[jax.Array, tuple]:
+    xhat, rstd = _normalized(x, eps, center)
+    return xhat * scale, (xhat, rstd, scale)
+
+
+def _scaled_norm_bwd(eps: float, center: bool, res: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    xhat, rstd, scale = res
+    gs = g * scale
+    dx = gs - xhat * jnp.mean(gs * xhat, axis=-1, keepdims=True)
+    if center:
+        dx = dx - jnp.mean(gs, axis=-1, keepdims=True)
+    dscale = jnp.sum(g * xhat, axis=tuple(range(g.ndim - 1)))
+    return dx * rstd, dscale
+
+
+scaled_norm.defvjp(_scaled_norm_fwd, _scaled_norm_bwd)
 
 
 _ACTIVATIONS = {
@@ -124,8 +160,11 @@ class Embed(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits [batch, len, padded_vocab] through the transposed table, in float32."""
         table = self.embedding[...].astype(self.dtype)
-        logits = jnp.einsum("bld,vd->blv", x.astype(self.dtype), table, preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32) / np.sqrt(x.shape[-1]).astype(np.float32)
+        # Scale the [batch, len, embed] input, not the vocab-wide output: the same logits, one
+        # elementwise pass over embed-sized data instead of vocabulary-sized data.
+        x = x.astype(self.dtype) * jnp.asarray(1.0 / np.sqrt(x.shape[-1]), self.dtype)
+        logits = jnp.einsum("bld,vd->blv", x, table, preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32)
 
 
 class Logits(nnx.Module):

@@ -258,8 +258,9 @@ class Transformer(nnx.Module):
         """
         table = self._target_embedding()
         logits = table.attend(y) if self.logits_dense is None else self.logits_dense(y)
-        vocab_ok = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
-        logits = jnp.where(vocab_ok, logits, PADDED_VOCAB_LOGIT)
+        if self.cfg.padded_vocab_size > self.cfg.vocab_size:  # a pass over the logits only when there are pad rows
+            vocab_ok = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
+            logits = jnp.where(vocab_ok, logits, PADDED_VOCAB_LOGIT)
         return axes.constrain(logits, axes.BLV)
 
     # -- incremental decoding --------------------------------------------------------------------

@@ -20,6 +20,7 @@ TRAIN_SCALARS = {
     "learning_rate": "learning/current_learning_rate",
     "step_time_s": "perf/step_time_seconds",
     "per_device_tokens_per_sec": "perf/per_device_tokens_per_sec",
+    "nonpad_tokens_per_sec": "perf/nonpad_tokens_per_sec",
     "per_device_tflops_per_sec": "perf/per_device_tflops_per_sec",
     "mfu": "perf/mfu",
     "skipped_steps": "learning/skipped_steps",

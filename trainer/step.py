@@ -20,23 +20,51 @@ from trainer.data.vocab import EOS_ID
 from trainer.train_state import TrainState
 
 
+@jax.custom_vjp
+def _token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(-log softmax(logits)[target], whether the target has the top logit) per token.
+
+    The gradient is written out, `softmax - one_hot(target)` in one elementwise pass over the
+    logits: autodiff would add the transpose of the target gather (a scatter into a zeroed
+    vocabulary-wide buffer) to the softmax term in a second pass.
+    """
+    return _token_nll_fwd(logits, targets)[0]
+
+
+def _token_nll_fwd(logits: jax.Array, targets: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    correct = target_logit >= jnp.max(logits, axis=-1)
+    return (lse - target_logit, correct), (logits, targets, lse)
+
+
+def _token_nll_bwd(res: tuple, g: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+    logits, targets, lse = res
+    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    d_logits = (jnp.exp(logits - lse[..., None]) - is_target) * g[0][..., None]
+    return d_logits, None
+
+
+_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
+
+
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, *, vocab_size: int,
                   label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Summed token loss, summed weights and summed correct predictions.
 
-    Label smoothing spreads its mass over the real vocabulary only: the padded rows of the
-    logits are masked by the model and must not receive any target probability.
+    Written as logsumexp minus the target's logit, so the only vocabulary-wide tensors are the
+    float32 logits and (in the backward pass) their gradient: no log-probability tensor, no
+    separate argmax pass (a token is correct when its logit is the row's maximum). Label
+    smoothing spreads its mass over the real vocabulary only: the padded rows of the logits are
+    masked by the model and must not receive any target probability.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    logits = logits.astype(jnp.float32)
+    loss, correct = _token_nll(logits, targets.astype(jnp.int32))
     if label_smoothing > 0:
         real = jnp.arange(logits.shape[-1]) < vocab_size
-        uniform = -jnp.sum(jnp.where(real, logp, 0.0), axis=-1) / vocab_size
-        loss = (1.0 - label_smoothing) * nll + label_smoothing * uniform
-    else:
-        loss = nll
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return jnp.sum(loss * weights), jnp.sum(weights), jnp.sum(correct * weights)
+        mean_logit = jnp.sum(jnp.where(real, logits, 0.0), axis=-1) / vocab_size
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (jax.nn.logsumexp(logits, axis=-1) - mean_logit)
+    return jnp.sum(loss * weights), jnp.sum(weights), jnp.sum(correct.astype(jnp.float32) * weights)
 
 
 def _forward(graphdef: Any, params: Any, batch: dict[str, jax.Array], *, deterministic: bool,

@@ -224,6 +224,8 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
                           "step_time_s": step_time, "mfu": step_time and flops / step_time / peak_total,
                           "skipped_steps": skipped}
                 record.update(_data_stats(train_data))
+                # Useful work: the padded rate times the fraction of batch slots that hold real tokens.
+                record["nonpad_tokens_per_sec"] = tps and tps * record["packing_efficiency"]
                 writer.write(record)
                 console.progress(done, record["loss"], tps, record["mfu"], step_time)
                 last["train"] = record
