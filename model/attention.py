@@ -63,8 +63,12 @@ def dot_product_attention(
     dropout_rng: jax.Array | None = None,
     deterministic: bool = True,
     dtype: jnp.dtype | None = None,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
-    """Softmax(q k^T / sqrt(kv)) v over [batch, len, heads, kv] arrays.
+    """Softmax(q k^T / sqrt(kv) + bias) v over [batch, len, heads, kv] arrays.
+
+    `bias` [batch or 1, heads, q_len, kv_len] (a relative position bias) is added to the scaled
+    logits before masking.
 
     The logits and the softmax are float32 whatever the compute dtype (bf16 softmax loses too much
     precision); probabilities are cast back to `dtype` for the value product. Rows whose mask is
@@ -73,6 +77,8 @@ def dot_product_attention(
     dtype = query.dtype if dtype is None else dtype
     logits = jnp.einsum("bqhk,bthk->bhqt", query, key, preferred_element_type=jnp.float32)
     logits = logits.astype(jnp.float32) * (1.0 / float(query.shape[-1]) ** 0.5)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -139,10 +145,14 @@ class MultiHeadAttention(nnx.Module):
         *,
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
+        bias: jax.Array | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Attention output [batch, q_len, embed] and the cache after this call (None without one).
+
+        `bias` [batch or 1, heads, q_len, kv_len] is added to the attention logits (the stack's
+        relative position bias; with a cache, kv_len is the cache length).
 
         Self-attention when inputs_kv is inputs_q, cross-attention otherwise; see the class
         docstring for the cache modes.
@@ -166,6 +176,7 @@ class MultiHeadAttention(nnx.Module):
             dropout_rng=dropout_rng,
             deterministic=deterministic,
             dtype=dt,
+            bias=bias,
         )
         y = axes.constrain(y, axes.BLHK)
         out = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))

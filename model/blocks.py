@@ -57,9 +57,15 @@ class EncoderBlock(nnx.Module):
         self.mlp = FeedForward(cfg, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool = True, dropout_rng: jax.Array | None = None
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        *,
+        bias: jax.Array | None = None,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
-        """x [batch, len, embed]; mask [batch, 1, len, len] or None."""
+        """x [batch, len, embed]; mask [batch, 1, len, len] or None; bias: the stack's position bias."""
         cfg = self.cfg
         k_attn, k_res1, k_res2 = split_key(dropout_rng, 3)
         x = axes.constrain(x, axes.BLE)
@@ -67,7 +73,7 @@ class EncoderBlock(nnx.Module):
             cfg,
             self.attention_norm,
             x,
-            lambda h: self.self_attention(h, h, mask, deterministic=deterministic, dropout_rng=k_attn),
+            lambda h: self.self_attention(h, h, mask, bias=bias, deterministic=deterministic, dropout_rng=k_attn),
             k_res1,
             deterministic,
         )
@@ -96,10 +102,12 @@ class DecoderBlock(nnx.Module):
         *,
         cache: LayerCache | None = None,
         cache_index: jax.Array | None = None,
+        self_bias: jax.Array | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """x [batch, tgt_len, embed]; encoded [batch, src_len, embed]; masks [b, 1, q, kv].
+        `self_bias`: the stack's position bias for self-attention (cross-attention has none).
 
         With `cache` (incremental decoding) x holds the positions from `cache_index` on,
         `encoded` is not read (the cache has its keys/values) and the second result is the
@@ -121,6 +129,7 @@ class DecoderBlock(nnx.Module):
                 self_mask,
                 cache=self_cache,
                 cache_index=cache_index,
+                bias=self_bias,
                 deterministic=deterministic,
                 dropout_rng=k_sa,
             ),

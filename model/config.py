@@ -15,7 +15,7 @@ import jax.numpy as jnp
 ACTIVATIONS = ("relu", "gelu", "gated_gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
-POSITIONS = ("sinusoidal", "learned")
+POSITIONS = ("sinusoidal", "learned", "relative")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "minimal", "dots")
 
@@ -40,7 +40,9 @@ class ModelConfig:
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_position: str = "pre"  # pre | post (post = original paper)
     norm_eps: float = 1e-6
-    positions: str = "sinusoidal"  # sinusoidal | learned
+    positions: str = "sinusoidal"  # sinusoidal | learned | relative (T5's bucketed bias on attention logits)
+    relative_buckets: int = 32  # positions=relative: buckets of the bias table (T5: 32)
+    relative_max_distance: int = 128  # positions=relative: distances beyond this share the last bucket
     max_length: int = 512  # size of the position table
     share_embeddings: bool = True  # one token table for source and target
     tie_output: bool = True  # logits through the (target) embedding table
@@ -85,6 +87,11 @@ class ModelConfig:
             check_int(field, 1)
         for field in ("encoder_layers", "decoder_layers"):
             check_int(field, 1)
+        check_int("relative_buckets", 4)
+        check_int("relative_max_distance", 1)
+        if self.relative_max_distance < self.relative_buckets:
+            fail("relative_max_distance", f"must be >= model.relative_buckets ({self.relative_buckets}): the "
+                 f"buckets up to half of them are exact distances, got {self.relative_max_distance}")
         if self.head_dim is None:
             if self.d_model % self.num_heads:
                 fail(

@@ -215,3 +215,58 @@ class LearnedPositions(nnx.Module):
 
     def __call__(self, positions: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], positions, axis=0, mode="clip").astype(self.dtype)
+
+
+def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> jax.Array:
+    """T5's bucket of each `key position - query position` (Raffel et al., 2020; as in t5x/HF).
+
+    Half the buckets (all of them when not bidirectional) hold exact distances up to
+    num_buckets / 2 (/ 4 bidirectional); the rest grow logarithmically up to max_distance, beyond
+    which distances share the last bucket. Bidirectional: keys after the query use the upper half.
+    Causal: only keys at or before the query are distinguished (later ones are masked anyway).
+    """
+    bucket = jnp.zeros_like(relative_position)
+    n = -relative_position  # distance back from the query
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (n < 0).astype(relative_position.dtype) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    safe = jnp.maximum(n, 1).astype(jnp.float32)
+    large = max_exact + (jnp.log(safe / max_exact) / np.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(relative_position.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(is_small, n, large)
+
+
+class RelativePositionBias(nnx.Module):
+    """T5's learned bias on attention logits, one value per (distance bucket, head).
+
+    One table per stack (bidirectional for the encoder, causal for the decoder's self-attention),
+    computed once and added in every layer; sharded over `heads` like the attention.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, bidirectional: bool, rngs: nnx.Rngs):
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.relative_buckets
+        self.max_distance = cfg.relative_max_distance
+        self.embedding = axes.make_param(
+            rngs,
+            nnx.initializers.normal(cfg.d_model ** -0.5),
+            (cfg.relative_buckets, cfg.num_heads),
+            (axes.LENGTH, axes.HEADS),
+            jnp.dtype(cfg.param_dtype),
+        )
+
+    def __call__(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
+        """Bias [batch or 1, heads, q_len, kv_len] (float32) from positions [batch or 1, len]."""
+        relative = key_positions[:, None, :].astype(jnp.int32) - query_positions[:, :, None].astype(jnp.int32)
+        buckets = relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                           num_buckets=self.num_buckets, max_distance=self.max_distance)
+        values = jnp.take(self.embedding[...].astype(jnp.float32), buckets, axis=0)  # [b, q, k, heads]
+        return axes.constrain(jnp.transpose(values, (0, 3, 1, 2)), (axes.ACT_BATCH, axes.ACT_HEADS, None, None))
+

@@ -97,10 +97,18 @@ class Encoder(nnx.Module):
         self.final_norm = Norm(cfg, rngs=rngs) if cfg.norm_position == "pre" else None
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool = True, dropout_rng: jax.Array | None = None
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        *,
+        bias: jax.Array | None = None,
+        deterministic: bool = True,
+        dropout_rng: jax.Array | None = None,
     ) -> jax.Array:
+        """`bias`: the position bias every layer adds to its attention logits (shared, as in T5)."""
+
         def apply(block, h, key, _):
-            return block(h, mask, deterministic=deterministic, dropout_rng=key), None
+            return block(h, mask, bias=bias, deterministic=deterministic, dropout_rng=key), None
 
         x, _ = run_layers(self.cfg, self.layers, self.cfg.encoder_layers, x, apply, deterministic, dropout_rng)
         if self.final_norm is not None:
@@ -145,6 +153,7 @@ class Decoder(nnx.Module):
         *,
         cache: LayerCache | None = None,
         cache_index: jax.Array | None = None,
+        self_bias: jax.Array | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
@@ -159,6 +168,7 @@ class Decoder(nnx.Module):
                 cross_mask,
                 cache=layer_cache,
                 cache_index=cache_index,
+                self_bias=self_bias,
                 deterministic=deterministic,
                 dropout_rng=key,
             )

@@ -20,7 +20,8 @@ from flax import nnx
 from model import axes, search
 from model.attention import combine_masks, make_attention_mask, make_causal_mask, make_segment_mask
 from model.config import ModelConfig
-from model.layers import Embed, LearnedPositions, Logits, dropout, sinusoidal_positions, split_key
+from model.layers import (Embed, LearnedPositions, Logits, RelativePositionBias, dropout, sinusoidal_positions,
+                          split_key)
 from model.stack import Decoder, Encoder
 
 # Finite so that one-hot * logits in a loss never meets -inf * 0; exp() underflows to 0.
@@ -110,6 +111,10 @@ class Transformer(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs)
         self.decoder = Decoder(cfg, rngs=rngs)
         self.logits_dense = None if cfg.tie_output else Logits(cfg, rngs=rngs)
+        # Created last, so the other parameters draw the same initial values with any `positions`.
+        relative = cfg.positions == "relative"
+        self.encoder_relative_bias = RelativePositionBias(cfg, bidirectional=True, rngs=rngs) if relative else None
+        self.decoder_relative_bias = RelativePositionBias(cfg, bidirectional=False, rngs=rngs) if relative else None
 
     # -- embeddings ------------------------------------------------------------------------------
 
@@ -131,8 +136,9 @@ class Transformer(nnx.Module):
         x = table(ids)
         if pos_table is not None:
             x = x + pos_table(positions)
-        else:
+        elif self.cfg.positions == "sinusoidal":
             x = x + sinusoidal_positions(positions, self.cfg.d_model).astype(x.dtype)
+        # positions=relative: no absolute positions; the attention logits get the stack's bias.
         x = dropout(x, self.cfg.dropout, rng, deterministic=deterministic)
         return axes.constrain(x, axes.BLE)
 
@@ -164,7 +170,10 @@ class Transformer(nnx.Module):
         x = self._embed(
             self._source_embedding(), self.encoder_positions, inputs, inputs_positions, deterministic, k_embed
         )
-        return self.encoder(x, mask, deterministic=deterministic, dropout_rng=k_layers)
+        bias = None
+        if self.encoder_relative_bias is not None:
+            bias = self.encoder_relative_bias(inputs_positions, inputs_positions)
+        return self.encoder(x, mask, bias=bias, deterministic=deterministic, dropout_rng=k_layers)
 
     def decode(
         self,
@@ -236,6 +245,11 @@ class Transformer(nnx.Module):
         k_embed, k_layers = split_key(dropout_rng if not deterministic else None, 2)
         y = self._embed(self._target_embedding(), self.decoder_positions, ids, positions, deterministic, k_embed)
         layer_cache = None if cache is None else {k: cache[k] for k in ("self_k", "self_v", "cross_k", "cross_v")}
+        self_bias = None
+        if self.decoder_relative_bias is not None:
+            # Keys are the positions of `ids` in the full pass, every cache slot when decoding.
+            keys = positions if cache is None else jnp.arange(cache["self_k"].shape[2])[None]
+            self_bias = self.decoder_relative_bias(positions, keys)
         y, layer_cache = self.decoder(
             y,
             encoded,
@@ -243,6 +257,7 @@ class Transformer(nnx.Module):
             cross_mask,
             cache=layer_cache,
             cache_index=None if cache is None else cache["index"],
+            self_bias=self_bias,
             deterministic=deterministic,
             dropout_rng=k_layers,
         )

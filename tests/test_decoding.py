@@ -56,9 +56,11 @@ def _incremental_and_full(graphdef, params, inputs, targets):
     return jnp.stack(steps, axis=1), full, cache
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-def test_cached_decoding_equals_full_forward(scan):
-    cfg, graphdef, params = _model(scan)
+@pytest.mark.parametrize("scan,positions", [(False, "sinusoidal"), (True, "sinusoidal"), (False, "relative"),
+                                            (True, "relative")],
+                         ids=["loop", "scan", "loop-relative", "scan-relative"])
+def test_cached_decoding_equals_full_forward(scan, positions):
+    cfg, graphdef, params = _model(scan, positions=positions, relative_buckets=8, relative_max_distance=16)
     inputs, targets = _data()
     incremental, full, cache = jax.jit(_incremental_and_full, static_argnums=0)(graphdef, params, inputs, targets)
     assert incremental.shape == full.shape == (4, 6, cfg.padded_vocab_size)
