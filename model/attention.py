@@ -64,8 +64,10 @@ def dot_product_attention(
     deterministic: bool = True,
     dtype: jnp.dtype | None = None,
     bias: jax.Array | None = None,
+    scale: bool = True,
 ) -> jax.Array:
-    """Softmax(q k^T / sqrt(kv) + bias) v over [batch, len, heads, kv] arrays.
+    """Softmax(q k^T / sqrt(kv) + bias) v over [batch, len, heads, kv] arrays (no 1/sqrt(kv) when
+    `scale` is False: T5's convention, which folds it into the query's initialisation).
 
     `bias` [batch or 1, heads, q_len, kv_len] (a relative position bias) is added to the scaled
     logits before masking.
@@ -76,7 +78,9 @@ def dot_product_attention(
     """
     dtype = query.dtype if dtype is None else dtype
     logits = jnp.einsum("bqhk,bthk->bhqt", query, key, preferred_element_type=jnp.float32)
-    logits = logits.astype(jnp.float32) * (1.0 / float(query.shape[-1]) ** 0.5)
+    logits = logits.astype(jnp.float32)
+    if scale:
+        logits = logits * (1.0 / float(query.shape[-1]) ** 0.5)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if mask is not None:
@@ -123,7 +127,10 @@ class MultiHeadAttention(nnx.Module):
         qkv_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
         out_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
         names = (axes.EMBED, axes.HEADS, axes.KV)
-        self.query = axes.make_param(rngs, qkv_init, (d, h, k), names, pd)
+        # Without logit scaling the query starts 1/sqrt(kv) smaller, so the initial logits match.
+        q_init = qkv_init if cfg.attention_scaling else nnx.initializers.variance_scaling(
+            1.0 / k, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
+        self.query = axes.make_param(rngs, q_init, (d, h, k), names, pd)
         self.key = axes.make_param(rngs, qkv_init, (d, h, k), names, pd)
         self.value = axes.make_param(rngs, qkv_init, (d, h, k), names, pd)
         self.out = axes.make_param(rngs, out_init, (h, k, d), (axes.HEADS, axes.KV, axes.EMBED), pd)
@@ -177,6 +184,7 @@ class MultiHeadAttention(nnx.Module):
             deterministic=deterministic,
             dtype=dt,
             bias=bias,
+            scale=self.cfg.attention_scaling,
         )
         y = axes.constrain(y, axes.BLHK)
         out = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))

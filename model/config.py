@@ -43,6 +43,9 @@ class ModelConfig:
     positions: str = "sinusoidal"  # sinusoidal | learned | relative (T5's bucketed bias on attention logits)
     relative_buckets: int = 32  # positions=relative: buckets of the bias table (T5: 32)
     relative_max_distance: int = 128  # positions=relative: distances beyond this share the last bucket
+    # Divide attention logits by sqrt(head_dim). T5 does not: it folds the factor into the query
+    # projection's initialisation (false here does the same), so pretrained T5 weights need false.
+    attention_scaling: bool = True
     max_length: int = 512  # size of the position table
     share_embeddings: bool = True  # one token table for source and target
     tie_output: bool = True  # logits through the (target) embedding table
@@ -120,6 +123,6 @@ class ModelConfig:
             v = getattr(self, field)
             if v not in allowed:
                 fail(field, f"must be one of {', '.join(allowed)}; got {v!r}")
-        for field in ("share_embeddings", "tie_output", "scan_layers"):
+        for field in ("share_embeddings", "tie_output", "scan_layers", "attention_scaling"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, f"must be true or false, got {getattr(self, field)!r}")

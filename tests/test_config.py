@@ -69,6 +69,10 @@ def test_default_config_loads_and_base_files_merge():
 
 
 @pytest.mark.parametrize("name,low,high", [("t5_base", 200e6, 250e6), ("t5_large", 700e6, 800e6),
+                                           # the published sizes of google/t5-v1_1-small, -base, flan-t5-base
+                                           ("t5_v1_1_small", 76_961_152, 76_961_152),
+                                           ("t5_v1_1_base", 247_577_856, 247_577_856),
+                                           ("flan_t5_base", 247_577_856, 247_577_856),
                                            ("hardware/tpu_v5e_32", 200e6, 250e6),
                                            ("hardware/gpu_2x8", 200e6, 250e6)])
 def test_hardware_presets_load_with_their_sizes(name, low, high):
@@ -130,6 +134,8 @@ BAD_VALUES = [
     ("model.attention_dropout", 1, ()),
     ("model.norm_eps", 0, ()), ("model.norm_eps", 1, ()), ("model.norm_eps", ".inf", ()),
     ("model.max_length", 0, ()), ("model.max_length", 8, ("model.positions=learned",)),
+    ("model.relative_buckets", 2, ()), ("model.relative_max_distance", 0, ()),
+    ("model.relative_max_distance", 16, ("model.relative_buckets=32",)),
     ("data.eval_fraction", -0.1, ()), ("data.eval_fraction", 1, ()),
     ("data.eval_max_examples", 0, ()),
     ("data.vocab_size", 300, ()), ("data.vocab_size", 2**25, ()),

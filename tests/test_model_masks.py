@@ -138,7 +138,8 @@ OPTION_SETS = [
     dict(scan_layers=True, remat="full"),
     dict(scan_layers=True, remat="minimal", norm_position="post", positions="learned"),
     dict(remat="dots", param_dtype="bfloat16", attention_dropout=0.1),
-    dict(positions="relative", norm="rmsnorm", activation="gated_gelu", tie_output=False),
+    dict(positions="relative", norm="rmsnorm", activation="gated_gelu", tie_output=False, attention_scaling=False,
+         head_dim=24),
     dict(positions="relative", scan_layers=True, remat="full", relative_buckets=8, relative_max_distance=8),
 ]
 

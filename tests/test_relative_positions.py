@@ -78,3 +78,19 @@ def test_training_with_relative_positions_is_the_same_on_a_sharded_mesh(tmp_path
     one, mesh = ([r["loss"] for r in read_metrics(tmp_path / d)] for d in ("one", "mesh"))
     assert len(one) == 3 and one[-1] < one[0]
     np.testing.assert_allclose(mesh, one, rtol=0, atol=1e-5)
+
+
+def test_without_logit_scaling_the_query_starts_smaller_and_the_logits_match():
+    """T5 folds 1/sqrt(head_dim) into the query's initialisation: same initial logit scale."""
+    from model.attention import dot_product_attention
+
+    q = jax.random.normal(jax.random.key(0), (1, 4, 2, 16))
+    k = jax.random.normal(jax.random.key(1), (1, 4, 2, 16))
+    v = jax.random.normal(jax.random.key(2), (1, 4, 2, 16))
+    scaled = dot_product_attention(q, k, v)
+    np.testing.assert_allclose(dot_product_attention(q / 4.0, k, v, scale=False), scaled, atol=1e-6, rtol=0)
+    _, t5 = _model(attention_scaling=False)
+    _, ours = _model()
+    ratio = float(jnp.std(t5.encoder.layers[0].self_attention.query[...]) /
+                  jnp.std(ours.encoder.layers[0].self_attention.query[...]))
+    assert abs(ratio - 8 ** -0.5) < 0.05, ratio  # head_dim 8
