@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -58,7 +59,7 @@ class Run:
         """How many ways the batch is split (the mesh axes the `batch` rule maps to)."""
         return axes_size("batch", self.rules, self.mesh)
 
-    @property
+    @functools.cached_property
     def model_cfg(self) -> ModelConfig:
         """The model config with the vocabulary padded so it splits over the axes `vocab` maps to."""
         if self.cfg.model.vocab_size is None:
@@ -66,13 +67,14 @@ class Run:
         multiple = math.lcm(self.cfg.model.vocab_multiple, axes_size("vocab", self.rules, self.mesh))
         return dataclasses.replace(self.cfg.model, vocab_multiple=multiple)
 
-    @property
+    @functools.cached_property
     def batch_sharding(self) -> NamedSharding:
+        """Resolved once per Run: `to_global` uses it for every array of every step."""
         return batch_sharding(self.mesh, self.rules)
 
-    def to_global(self, local: dict[str, np.ndarray], global_batch: int | None = None) -> dict[str, jax.Array]:
-        """This process's rows of a batch -> global arrays sharded like a batch."""
-        rows = global_batch or self.cfg.train.batch_size
+    def to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows of a train.batch_size batch -> global arrays sharded like a batch."""
+        rows = self.cfg.train.batch_size
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v, (rows,) + v.shape[1:])
                 for k, v in local.items()}
 
