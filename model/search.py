@@ -172,9 +172,9 @@ def beam_search(
     Sequences are sorted best first; a sequence's score is its log-probability divided by
     `length_penalty(length, alpha)`, its length counting the EOS. Each step extends every live
     beam by every token; the `beam_size` best extensions that do not end in EOS stay live, and
-    the EOS extensions that rank among the `beam_size` best of all extensions become finished
-    (kept in a separate set of the `beam_size` best finished, never dropped for live ones), so
-    beam_size = 1 is exactly greedy decoding when alpha = 0. The loop stops when, in every row,
+    the EOS extensions that rank among the 2 * `beam_size` best of all extensions become finished
+    (kept in a separate set of the `beam_size` best finished, never dropped for live ones), the
+    pool of t5x and of transformers' Flax beam search. The loop stops when, in every row,
     the best finished score is at least what the best live beam could still reach (its
     log-probability over the largest penalty, at max_length): then no live beam can win. Rows
     that finish nothing by max_length return their live beams (scored at max_length).
@@ -198,12 +198,14 @@ def beam_search(
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, K, vocab)
         cand = (live_lp[:, :, None] + logp).reshape(B, K * vocab)
 
-        # Finished: EOS extensions among the K best extensions overall.
-        top_vals, top_idx = jax.lax.top_k(cand, K)
+        # Finished: EOS extensions among the 2K best extensions overall (t5x's and transformers'
+        # pool: K of them could end in EOS and K live ones would still remain).
+        top_vals, top_idx = jax.lax.top_k(cand, 2 * K)
         top_tok, top_parent = top_idx % vocab, top_idx // vocab
         new_fin = jnp.logical_and(top_tok == eos_id, top_vals > NEG_INF / 2)
         new_fin_seqs = jnp.take_along_axis(live_seqs, top_parent[:, :, None], axis=1)
-        new_fin_seqs = jax.lax.dynamic_update_slice(new_fin_seqs, jnp.full((B, K, 1), eos_id, jnp.int32), (0, 0, i))
+        new_fin_seqs = jax.lax.dynamic_update_slice(new_fin_seqs, jnp.full((B, 2 * K, 1), eos_id, jnp.int32),
+                                                    (0, 0, i))
         new_fin_scores = jnp.where(new_fin, top_vals / length_penalty(i + 1, alpha), NEG_INF)
         all_scores = jnp.concatenate([fin_scores, new_fin_scores], axis=1)
         all_seqs = jnp.concatenate([fin_seqs, new_fin_seqs], axis=1)

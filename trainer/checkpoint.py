@@ -118,6 +118,12 @@ class CheckpointManager:
         """
         for step in sorted(self._manager.all_steps(), reverse=True):
             path = os.path.join(self.directory, str(step))
+            if self._params_only(step):  # an imported model: start training from its parameters
+                state = create(self.spec)
+                params, _ = restore_items(self.directory, {"params": self.spec.restore_target()["params"]}, step,
+                                          source=f"checkpoint {path}", config=to_dict(self.cfg))
+                _log(f"starting from the parameters of checkpoint {path} (parameters only: a fresh optimizer)")
+                return {**state, **params}, None
             restored, problem = self._try_restore(step)
             # Every process must take the same decision, whichever of them saw the damage.
             if not _all_processes_agree(problem is None):
@@ -136,6 +142,13 @@ class CheckpointManager:
         if self.cfg.checkpoint.restore_from:
             state = self._init_from(self.cfg.checkpoint.restore_from, state)
         return state, None
+
+    def _params_only(self, step: int) -> bool:
+        try:
+            data = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        except Exception:  # unreadable: `_try_restore` reports the damage
+            return False
+        return isinstance(data, dict) and data.get("params_only") is True
 
     def _try_restore(self, step: int) -> tuple[Any, str | None]:
         """Restores and verifies one step; returns (items, None) or (None, what is damaged).
@@ -184,13 +197,34 @@ class CheckpointManager:
         self._manager.reload()
 
     def _init_from(self, path: str, state: TrainState) -> TrainState:
-        """Copies parameters (or the whole state) from another run's checkpoint."""
+        """Copies parameters (or the whole state) from another run's checkpoint, or a Hugging Face
+        T5 checkpoint directory (`hf:PATH`, parameters only)."""
+        if path.startswith("hf:"):
+            from trainer.import_hf import load_hf_params
+
+            params = load_hf_params(path[3:], self.spec.restore_target()["params"], self.cfg.model)
+            _log(f"initialised params from the Hugging Face checkpoint {path[3:]}")
+            return {**state, "params": params}
         directory, step = _resolve_checkpoint(path)
         wanted = ["params"] if self.cfg.checkpoint.restore_params_only else list(state)
         restored, _ = restore_items(directory, {k: self.spec.restore_target()[k] for k in wanted}, step,
                                     source=f"checkpoint.restore_from={path}", config=to_dict(self.cfg))
         _log(f"initialised {' and '.join(wanted)} from {os.path.join(directory, str(step))}")
         return {**state, **restored}
+
+
+def save_params_checkpoint(directory: str, step: int, params: Any, cfg: Config) -> None:
+    """A checkpoint of parameters alone (an imported model), in the layout of the run's checkpoints:
+    decode and export restore it as they do any step; `restore_or_init` starts training from it."""
+    config = _json_normal(to_dict(cfg))
+    data = _sealed({"format": CHECKSUM_FORMAT, "process_count": jax.process_count(), "states": [],
+                    "params_only": True, "arrays": array_records({"params": params}),
+                    "config_sha256": _sha256_json(config)})
+    with ocp.CheckpointManager(os.path.abspath(directory),
+                               item_handlers=_item_handlers(ocp.StandardCheckpointHandler())) as manager:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                                   data=ocp.args.JsonSave(data), config=ocp.args.JsonSave(config)))
+        manager.wait_until_finished()
 
 
 def _item_handlers(state_handler: Any) -> dict[str, Any]:

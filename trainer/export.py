@@ -1,11 +1,20 @@
-"""`python -m trainer.export workdir=RUN [output=DIR] [dtype=bfloat16] [checkpoint_step=N]`.
+"""`python -m trainer.export workdir=RUN [format=orbax|hf] [output=DIR] [dtype=bfloat16] [checkpoint_step=N]
+[max_shard_size=5GB]`.
 
-Writes a run's parameters alone (no optimizer state), optionally cast to bfloat16, as a
-standalone Orbax checkpoint for inference, with the model config beside it:
+Writes a run's parameters alone (no optimizer state), optionally cast to bfloat16. `format=orbax`
+(the default): a standalone Orbax checkpoint for inference, with the model config beside it:
 
     DIR/params/       Orbax StandardCheckpointer directory (the `params` tree)
     DIR/model.json    the model config (sizes, dtypes, padded vocabulary)
     DIR/config.yaml   the run's resolved config
+
+`format=hf` (T5-architecture models): a Hugging Face T5 checkpoint that `transformers` and anything
+reading the Hub format load: `config.json`, `model.safetensors` in PyTorch naming and layout (numbered
+shards plus `model.safetensors.index.json` above `max_shard_size`), `generation_config.json`, and the
+run's `spiece.model` when it has a SentencePiece tokenizer. The tables keep every row of
+`model.vocab_size` rounded up to `model.vocab_multiple` (T5's own checkpoints have 32,128 rows for
+32,100 ids); `transformers` does not mask the rows past the tokenizer, which a trained model never
+predicts.
 
 The output folder must not exist yet: an export never overwrites anything.
 
@@ -17,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +40,7 @@ from trainer.config import Config, ConfigError, dump_yaml, load_config
 from trainer.run import Run
 from trainer.workdir import unwritable_reason
 
-_COMMAND_KEYS = ("output", "dtype", "checkpoint_step")
+_COMMAND_KEYS = ("output", "dtype", "checkpoint_step", "format", "max_shard_size")
 
 
 def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
@@ -51,6 +61,14 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
     cfg = load_config(rest, path=None if any("=" not in a for a in rest) else config_path)
     if options.get("dtype", "float32") not in ("float32", "bfloat16"):
         raise ConfigError(f"dtype must be float32 or bfloat16, got {options['dtype']!r}")
+    if options.get("format", "orbax") not in ("orbax", "hf"):
+        raise ConfigError(f"format must be orbax or hf, got {options['format']!r}")
+    if "max_shard_size" in options:
+        options["max_shard_bytes"] = parse_size(options["max_shard_size"])
+    if options.get("format") == "hf":
+        from trainer.hf_config import hf_config
+
+        hf_config(cfg.model, 0)  # a model without a T5 equivalent fails here, before any restore
     if "checkpoint_step" in options and not options["checkpoint_step"].isdigit():
         raise ConfigError(f"checkpoint_step must be a step number, got {options['checkpoint_step']!r}")
     # Everything that can be checked without devices, so a mistake never costs a restore.
@@ -74,6 +92,18 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
     return cfg, options
 
 
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `2000000` -> bytes (decimal units, as transformers' max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    value = str(text).strip().upper()
+    for unit, factor in units.items():
+        if value.endswith(unit) and value[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return max(1, int(float(value[: -len(unit)]) * factor))
+    if value.isdigit():
+        return max(1, int(value))
+    raise ConfigError(f"max_shard_size must be a size such as 5GB, 500MB or a number of bytes, got {text!r}")
+
+
 def export(cfg: Config, options: dict[str, str]) -> str:
     """Restores the parameters onto this machine's devices and writes the export; returns its path."""
     # The export only needs to hold the parameters: FSDP over whatever devices are here.
@@ -94,6 +124,12 @@ def export(cfg: Config, options: dict[str, str]) -> str:
     if os.path.exists(output):
         raise ConfigError(f"output={output} already exists; choose another folder (nothing is overwritten)")
     os.makedirs(output)
+    if options.get("format") == "hf":
+        write_hf(cfg, params, output, options.get("max_shard_bytes", 5 * 10**9))
+        if jax.process_index() == 0:
+            print(f"exported the parameters of step {step} ({dtype}) in the Hugging Face T5 format to {output}",
+                  flush=True)
+        return output
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(output, "params"), params)
     if jax.process_index() == 0:
@@ -103,6 +139,27 @@ def export(cfg: Config, options: dict[str, str]) -> str:
         Path(output, "config.yaml").write_text(dump_yaml(cfg))
         print(f"exported the parameters of step {step} ({dtype}) to {output}", flush=True)
     return output
+
+
+def write_hf(cfg: Config, params: Any, output: str, max_shard_bytes: int) -> None:
+    """config.json, the safetensors weights (every process gathers, process 0 writes), tokenizer files."""
+    from trainer.hf_config import hf_config
+    from trainer.hf_weights import hf_tensors, write_safetensors
+
+    rows = cfg.model.padded_vocab_size
+    write = jax.process_index() == 0
+    write_safetensors(hf_tensors(params, cfg.model, rows), output, max_shard_bytes=max_shard_bytes, write=write)
+    if not write:
+        return
+    Path(output, "config.json").write_text(json.dumps(hf_config(cfg.model, rows), indent=2) + "\n")
+    Path(output, "generation_config.json").write_text(json.dumps(
+        {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2) + "\n")
+    spm = cfg.data.tokenizer_path if cfg.data.tokenizer == "sentencepiece" else None
+    if spm and os.path.isfile(spm) and cfg.data.source != "synthetic":
+        shutil.copyfile(spm, os.path.join(output, "spiece.model"))
+        Path(output, "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "T5Tokenizer", "extra_ids": cfg.data.num_sentinels, "eos_token": "</s>",
+             "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

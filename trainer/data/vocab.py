@@ -5,7 +5,8 @@ THE one place that defines the reserved ids (every tokenizer and task follows it
   id 0                 PAD   padding; segment id 0 marks padding too
   id 1                 EOS   appended to every inputs and targets sequence
   id 2                 UNK   (SentencePiece's unknown piece; byte fallback makes it rare)
-  id 3                 BOS   reserved, not emitted by the pipeline
+  id 3                 BOS   reserved, not emitted by the pipeline (T5's own SentencePiece
+                             models have no BOS: there id 3 is an ordinary piece)
   ids 4 ..             ordinary tokens (SentencePiece pieces incl. 256 byte-fallback
                        pieces, or the 256 bytes of the byte tokenizer at 4..259)
   top num_sentinels    span-corruption sentinels, T5 order: sentinel i has id
@@ -42,6 +43,7 @@ class Tokenizer:
     num_sentinels: int
     kind: str
     path: str | None = None
+    skipped_ids: frozenset[int] = frozenset((PAD_ID, BOS_ID))  # never rendered by decode
 
     def encode(self, text: str) -> np.ndarray:
         raise NotImplementedError
@@ -67,7 +69,7 @@ class Tokenizer:
             t = int(t)
             if t == EOS_ID:
                 break
-            if t in (PAD_ID, BOS_ID):
+            if t in self.skipped_ids:
                 continue
             if t >= self.first_sentinel_id:
                 out.append(self._decode(run))
@@ -97,7 +99,10 @@ class ByteTokenizer(Tokenizer):
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece model (pad 0, eos 1, unk 2, bos 3) plus sentinels above its pieces."""
+    """A SentencePiece model (pad 0, eos 1, unk 2, bos 3 or none) plus sentinels above its pieces.
+
+    Models without a BOS piece (T5's `spiece.model`) are accepted: id 3 is then a piece like any other.
+    """
 
     kind = "sentencepiece"
 
@@ -109,16 +114,14 @@ class SentencePieceTokenizer(Tokenizer):
         self.num_sentinels = num_sentinels
         self.vocab_size = self._sp.get_piece_size() + num_sentinels
         self.path = path
-        if (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id()) != (
-            PAD_ID,
-            EOS_ID,
-            UNK_ID,
-            BOS_ID,
-        ):
+        ids = (self._sp.pad_id(), self._sp.eos_id(), self._sp.unk_id(), self._sp.bos_id())
+        if ids[:3] != (PAD_ID, EOS_ID, UNK_ID) or ids[3] not in (BOS_ID, -1):
             raise ValueError(
                 f"SentencePiece model {path or '<bytes>'} does not use the reserved ids pad=0 eos=1 unk=2 bos=3 "
-                f"(has pad={self._sp.pad_id()} eos={self._sp.eos_id()} unk={self._sp.unk_id()} bos={self._sp.bos_id()})"
+                f"(or no bos, as T5's) (has pad={ids[0]} eos={ids[1]} unk={ids[2]} bos={ids[3]})"
             )
+        if ids[3] == -1:
+            self.skipped_ids = frozenset((PAD_ID,))
 
     @classmethod
     def load(cls, path: str, num_sentinels: int) -> "SentencePieceTokenizer":
