@@ -73,6 +73,8 @@ def test_default_config_loads_and_base_files_merge():
                                            ("t5_v1_1_small", 76_961_152, 76_961_152),
                                            ("t5_v1_1_base", 247_577_856, 247_577_856),
                                            ("flan_t5_base", 247_577_856, 247_577_856),
+                                           # transformers' count for byt5-small's config (384 ids in 384 rows)
+                                           ("byt5_small", 299_637_760, 299_637_760),
                                            ("hardware/tpu_v5e_32", 200e6, 250e6),
                                            ("hardware/gpu_2x8", 200e6, 250e6)])
 def test_hardware_presets_load_with_their_sizes(name, low, high):

@@ -350,3 +350,28 @@ def test_import_error_lines(hf_models, tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert import_hf.main([str(safetensors_dir)]) == 2
     assert "--out RUN" in capsys.readouterr().err
+
+
+def test_byt5_ids_equal_transformers_byt5_tokenizer_and_import_picks_them(hf_models, tmp_path):
+    from transformers import ByT5Tokenizer
+
+    from trainer.data.vocab import ByteTokenizer
+    from trainer.import_hf import import_config
+
+    theirs = ByT5Tokenizer()  # pure Python, nothing to download
+    ours = ByteTokenizer(125, "byt5")
+    assert ours.vocab_size == len(theirs) == 384
+    for text in ["Hello, world!", "héllo wörld ✓", "tabs\tand  spaces"]:
+        ids = list(ours.encode(text)) + [1]
+        assert ids == theirs(text).input_ids
+        assert ours.decode(ids) == text == theirs.decode(ids, skip_special_tokens=True)
+
+    # A ByT5 checkpoint (no spiece.model; tokenizer_config.json names ByT5Tokenizer) imports with it.
+    msgpack_dir, _, _ = hf_models["v1_1"]
+    ckpt = tmp_path / "byt5"
+    ckpt.mkdir()
+    config = json.loads((msgpack_dir / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "vocab_size": 384}))
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ByT5Tokenizer", "extra_ids": 125}))
+    cfg, rows = import_config(ckpt, str(tmp_path / "run"), [])
+    assert (cfg.data.tokenizer, cfg.data.num_sentinels, cfg.model.vocab_size, rows) == ("byt5", 125, 384, 384)

@@ -154,6 +154,9 @@ def write_hf(cfg: Config, params: Any, output: str, max_shard_bytes: int) -> Non
     Path(output, "config.json").write_text(json.dumps(hf_config(cfg.model, rows), indent=2) + "\n")
     Path(output, "generation_config.json").write_text(json.dumps(
         {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2) + "\n")
+    if cfg.data.tokenizer == "byt5" and cfg.data.source != "synthetic":
+        Path(output, "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "ByT5Tokenizer", "extra_ids": cfg.data.num_sentinels}, indent=2) + "\n")
     spm = cfg.data.tokenizer_path if cfg.data.tokenizer == "sentencepiece" else None
     if spm and os.path.isfile(spm) and cfg.data.source != "synthetic":
         shutil.copyfile(spm, os.path.join(output, "spiece.model"))

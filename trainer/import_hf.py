@@ -7,7 +7,8 @@ RUN then holds what training would have written before its first step, so every 
                              the overrides), with `data.tokenizer_path` at RUN/spiece.model when the
                              checkpoint has one; without one, ids are the text (data.source=synthetic:
                              decode reads and writes space-separated token ids)
-    RUN/spiece.model         the checkpoint's SentencePiece model, copied
+    RUN/spiece.model         the checkpoint's SentencePiece model, copied (ByT5 checkpoints, whose
+                             tokenizer_config.json names ByT5Tokenizer, get data.tokenizer=byt5)
     RUN/checkpoints/0/       the parameters (an Orbax checkpoint of parameters only, written shard by
                              shard on this machine's mesh)
 
@@ -41,17 +42,25 @@ _CHECKPOINT_KEYS = ("d_model", "num_heads", "head_dim", "mlp_dim", "encoder_laye
                     "attention_scaling", "share_embeddings", "tie_output")
 
 
-def _num_sentinels(path: Path) -> int:
-    """T5 tokenizers add `extra_ids` sentinels (100 unless tokenizer_config.json says otherwise)."""
+def _tokenizer_config(path: Path) -> dict[str, Any]:
     config = path / "tokenizer_config.json"
     if config.is_file():
         try:
-            extra = json.loads(config.read_text()).get("extra_ids")
-        except (OSError, ValueError, AttributeError):
-            extra = None
-        if isinstance(extra, int) and extra >= 0:
-            return extra
-    return 100
+            value = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+    return {}
+
+
+def _tokenizer_class(path: Path) -> str | None:
+    return _tokenizer_config(path).get("tokenizer_class")
+
+
+def _num_sentinels(path: Path, default: int = 100) -> int:
+    """T5 tokenizers add `extra_ids` sentinels (100, ByT5 125, unless tokenizer_config.json says otherwise)."""
+    extra = _tokenizer_config(path).get("extra_ids")
+    return extra if isinstance(extra, int) and not isinstance(extra, bool) and extra >= 0 else default
 
 
 def _vocab_multiple(tokenizer_size: int, rows: int, source: str) -> int:
@@ -94,6 +103,13 @@ def import_config(path: Path, out: str, args: list[str]) -> tuple[Config, int]:
                                     vocab_multiple=_vocab_multiple(tokenizer.vocab_size, rows, str(path)))
         data = dataclasses.replace(data, tokenizer="sentencepiece", tokenizer_path=os.path.join(
             os.path.abspath(out), SPIECE), vocab_size=tokenizer.vocab_size, num_sentinels=sentinels)
+    elif _tokenizer_class(path) == "ByT5Tokenizer":  # bytes in ByT5's id layout, no model file
+        from trainer.data.vocab import ByteTokenizer
+
+        tokenizer = ByteTokenizer(_num_sentinels(path, default=125), "byt5")
+        model = dataclasses.replace(model, vocab_size=tokenizer.vocab_size,
+                                    vocab_multiple=_vocab_multiple(tokenizer.vocab_size, rows, str(path)))
+        data = dataclasses.replace(data, tokenizer="byt5", tokenizer_path=None, num_sentinels=tokenizer.num_sentinels)
     else:  # no tokenizer: the text is token ids, as in synthetic runs
         data = dataclasses.replace(data, source="synthetic", num_sentinels=0)
     decode = cfg.decode

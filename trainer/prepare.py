@@ -124,7 +124,7 @@ def prepare(
                 "trained_from": os.path.abspath(tok.path),
             }
         else:
-            manifest["tokenizer"] = {"kind": "bytes"}
+            manifest["tokenizer"] = {"kind": tok.kind}  # bytes | byt5
         manifest["tokenizer"].update(vocab_size=tok.vocab_size, num_sentinels=tok.num_sentinels)
 
         if cfg.source == "embedded":

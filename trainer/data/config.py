@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 SOURCES = ("synthetic", "embedded", "tsv", "jsonl", "arrayrecord")
-TOKENIZERS = ("sentencepiece", "bytes")
+TOKENIZERS = ("sentencepiece", "bytes", "byt5")
 SPM_MODEL_TYPES = ("unigram", "bpe")
 SYNTHETIC_TASKS = ("reverse", "copy")
 OVERLONG = ("truncate", "drop")
@@ -62,15 +62,15 @@ class DataConfig:
     eval_max_examples: int = 5000  # cap on held-out tsv/jsonl lines taken by eval_fraction
 
     # Tokenizer (not used by `synthetic`, which emits ids below model.vocab_size).
-    tokenizer: str = "sentencepiece"  # sentencepiece | bytes
+    tokenizer: str = "sentencepiece"  # sentencepiece | bytes | byt5 (ByT5's byte ids: bytes from 3)
     # SentencePiece model file. Unset: trained on first use on the source text
     # and cached (next to the data when writable, else in `cache_dir`); the
     # pipeline reports the resolved path so the run's config records it.
     tokenizer_path: str | None = None
     spm_model_type: str = "unigram"  # unigram | bpe
     # Total vocabulary of the tokenizer (SentencePiece pieces + sentinels); the
-    # model's vocab_size defaults to the tokenizer's size. Ignored by the bytes
-    # tokenizer, whose size is fixed (260 + num_sentinels).
+    # model's vocab_size defaults to the tokenizer's size. Ignored by the byte
+    # tokenizers, whose size is fixed (260 or, byt5, 259 + num_sentinels).
     vocab_size: int = 4096
     num_sentinels: int = 100  # span-corruption sentinel ids, top of the vocab
     cache_dir: str | None = None  # default: $TRAINER_CACHE_DIR or ~/.cache/seq2seq-trainer

@@ -19,6 +19,7 @@ from trainer.data.config import MIN_SPM_PIECES, DataConfig
 from trainer.data.stream import RecordError
 from trainer.data.vocab import (
     NUM_RESERVED,
+    BYTE_LAYOUTS,
     ByteTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
@@ -177,8 +178,8 @@ def resolve_tokenizer(
     to the data (`data_dir`) when writable, else `cache_dir`. The file name carries a
     hash of the corpus fingerprint and the settings, so a changed corpus retrains.
     """
-    if cfg.tokenizer == "bytes":
-        return ByteTokenizer(cfg.num_sentinels)
+    if cfg.tokenizer in BYTE_LAYOUTS:
+        return ByteTokenizer(cfg.num_sentinels, cfg.tokenizer)
     if cfg.tokenizer_path and os.path.exists(cfg.tokenizer_path):
         path = cfg.tokenizer_path
     else:
@@ -605,8 +606,8 @@ class ArrayRecordSource(Source):
     def __init__(self, cfg: DataConfig):
         self.root, self.manifest = read_manifest(cfg.path)
         t = self.manifest["tokenizer"]
-        if t["kind"] == "bytes":
-            self.own_tokenizer = ByteTokenizer(int(t["num_sentinels"]))
+        if t["kind"] in BYTE_LAYOUTS:
+            self.own_tokenizer = ByteTokenizer(int(t["num_sentinels"]), t["kind"])
         else:
             self.own_tokenizer = SentencePieceTokenizer.load(os.path.join(self.root, t["file"]), int(t["num_sentinels"]))
         self._cfg = cfg
@@ -700,8 +701,8 @@ def get_tokenizer(cfg: DataConfig, workdir: str | None = None) -> Tokenizer | No
     if kinds == {"synthetic"}:
         return None
     if "arrayrecord" not in kinds:
-        if cfg.tokenizer == "bytes":
-            return ByteTokenizer(cfg.num_sentinels)
+        if cfg.tokenizer in BYTE_LAYOUTS:
+            return ByteTokenizer(cfg.num_sentinels, cfg.tokenizer)
         if cfg.tokenizer_path and os.path.exists(cfg.tokenizer_path):  # as recorded in a run's config
             tok = SentencePieceTokenizer.load(cfg.tokenizer_path, cfg.num_sentinels)
             if tok.vocab_size != cfg.vocab_size:

@@ -34,6 +34,7 @@ UNK_ID = 2
 BOS_ID = 3
 NUM_RESERVED = 4
 BYTE_OFFSET = NUM_RESERVED  # byte b has id b + 4 in the byte tokenizer
+BYTE_LAYOUTS = {"bytes": BYTE_OFFSET, "byt5": 3}  # byte tokenizer kind -> id of byte 0
 
 
 class Tokenizer:
@@ -82,19 +83,28 @@ class Tokenizer:
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes at ids 4..259, then sentinels. Needs no training."""
+    """UTF-8 bytes, then sentinels. Needs no training.
 
-    kind = "bytes"
+    kind `bytes`: bytes at ids 4..259 (after the reserved ids above). kind `byt5`: ByT5's layout,
+    pad 0, eos 1, unk 2 and bytes at 3..258 (no BOS), so pretrained ByT5 checkpoints read the
+    same ids; ByT5 has 125 sentinels (384 ids).
+    """
 
-    def __init__(self, num_sentinels: int = 100):
+    def __init__(self, num_sentinels: int = 100, kind: str = "bytes"):
+        if kind not in BYTE_LAYOUTS:
+            raise ValueError(f"byte tokenizer kind must be one of {', '.join(BYTE_LAYOUTS)}, got {kind!r}")
+        self.kind = kind
+        self.offset = BYTE_LAYOUTS[kind]
+        if kind == "byt5":
+            self.skipped_ids = frozenset((PAD_ID,))
         self.num_sentinels = num_sentinels
-        self.vocab_size = NUM_RESERVED + 256 + num_sentinels
+        self.vocab_size = self.offset + 256 + num_sentinels
 
     def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + BYTE_OFFSET
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32) + self.offset
 
     def _decode(self, ids):
-        b = bytes(int(t) - BYTE_OFFSET for t in ids if BYTE_OFFSET <= int(t) < BYTE_OFFSET + 256)
+        b = bytes(int(t) - self.offset for t in ids if self.offset <= int(t) < self.offset + 256)
         return b.decode("utf-8", errors="replace")
 
 
