@@ -23,6 +23,7 @@
 #   --version RUNTIME        TPU software version, default v2-alpha-tpuv5-lite
 #   --slices N               multi-slice over DCN (queued resources), default 1
 #   --spot                   create Spot capacity
+#   --max-restarts N         restart training after a hang (exit code 7) up to N times, default 3
 #   --create / --delete      with `up`: create the slice first / delete it at the end
 #   --remote-dir DIR         where the code goes on the workers, default seq2seq (under $HOME)
 #   --logs-dir DIR           local folder for `logs`
@@ -41,7 +42,7 @@
 set -euo pipefail
 
 NAME=""; ZONE=""; PROJECT=""
-ACCEL="v5litepod-32"; VERSION="v2-alpha-tpuv5-lite"; SLICES=1
+ACCEL="v5litepod-32"; VERSION="v2-alpha-tpuv5-lite"; SLICES=1; MAX_RESTARTS=3
 SPOT=0; CREATE=0; DELETE=0; DRY=0; BACKGROUND=0
 REMOTE_DIR="seq2seq"; LOGS_DIR=""
 ACTIONS=(); TRAIN_ARGS=()
@@ -56,6 +57,7 @@ while [ $# -gt 0 ]; do
         --accelerator-type) ACCEL=$2; shift 2 ;;
         --version) VERSION=$2; shift 2 ;;
         --slices) SLICES=$2; shift 2 ;;
+        --max-restarts) MAX_RESTARTS=$2; shift 2 ;;
         --spot) SPOT=1; shift ;;
         --create) CREATE=1; shift ;;
         --delete) DELETE=1; shift ;;
@@ -72,6 +74,7 @@ done
 [ -n "$NAME" ] || { echo "tpu_pod.sh: --name is required" >&2; exit 2; }
 [ -n "$ZONE" ] || { echo "tpu_pod.sh: --zone is required" >&2; exit 2; }
 [[ "$SLICES" =~ ^[1-9][0-9]*$ ]] || { echo "tpu_pod.sh: --slices must be >= 1" >&2; exit 2; }
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || { echo "tpu_pod.sh: --max-restarts must be >= 0" >&2; exit 2; }
 [ ${#ACTIONS[@]} -gt 0 ] || ACTIONS=(up)
 LOGS_DIR=${LOGS_DIR:-tpu-logs/$NAME}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -186,6 +189,19 @@ do_train() {
     return "$rc"
 }
 
+# A hang (exit code 7, trainer/watchdog.py: no step within train.hang_timeout) restarts training
+# from the last checkpoint, up to --max-restarts times; any other failure stops.
+train_with_restarts() {
+    local rc=0 restarts=0
+    while :; do
+        rc=0; do_train || rc=$?
+        [ "$rc" = 7 ] && [ "$restarts" -lt "$MAX_RESTARTS" ] || return "$rc"
+        restarts=$((restarts + 1))
+        echo "tpu_pod.sh: training hung (exit 7; stacks in WORKDIR/hang/); restart $restarts of $MAX_RESTARTS from the last checkpoint" >&2
+        do_stop
+    done
+}
+
 do_logs() {
     local node w
     [ "$DRY" = 1 ] || mkdir -p "$LOGS_DIR"
@@ -210,11 +226,12 @@ for action in "${ACTIONS[@]}"; do
         up)
             [ "$CREATE" = 1 ] && do_create
             do_stop; do_copy; do_install
-            train_rc=0; do_train || train_rc=$?
+            train_rc=0; train_with_restarts || train_rc=$?
             do_logs || true
             [ "$DELETE" = 1 ] && do_delete
             [ "$train_rc" = 0 ] || { echo "tpu_pod.sh: training failed ($train_rc)" >&2; exit "$train_rc"; }
             ;;
+        train) train_with_restarts ;;
         *) "do_$action" ;;
     esac
 done

@@ -119,6 +119,7 @@ BAD_VALUES = [
     ("train.label_smoothing", -0.1, ()), ("train.label_smoothing", 1, ()),
     ("train.log_every", 0, ()),
     ("train.eval_every", -1, ()),
+    ("train.hang_timeout", -1, ()), ("train.hang_timeout", ".inf", ()),
     ("train.eval_batches", -1, ()),
     ("checkpoint.every", -1, ()),
     ("checkpoint.keep", 0, ()),

@@ -84,6 +84,9 @@ class TrainConfig:
     # TensorBoard profile tab); process 0 only unless profile_all_processes.
     profile_steps: str | None = None
     profile_all_processes: bool = False
+    # Seconds without a completed step before a process dumps its stacks to WORKDIR/hang/ and exits
+    # with code 7 (trainer/watchdog.py). None: max(10 x the median step time, 300 s); 0: off.
+    hang_timeout: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +403,9 @@ def validate(cfg: Config) -> None:
     if t.profile_steps is not None:
         _require(profile_range(t.profile_steps) is not None, "train.profile_steps",
                  f"must be START:END with 1 <= START <= END (steps to trace), got {t.profile_steps!r}")
+    if t.hang_timeout is not None:
+        _require(t.hang_timeout >= 0, "train.hang_timeout",
+                 f"must be >= 0 seconds (0 turns the watchdog off; unset = automatic), got {t.hang_timeout}")
     _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables eval), got {t.eval_every}")
     _require(t.eval_batches >= 0, "train.eval_batches",
              f"must be >= 0 (0 = the whole held-out split), got {t.eval_batches}")

@@ -196,7 +196,7 @@ def run_main(main: Callable[[], int]) -> None:
 _FAILED_PREFIX = "trainer/failed/"
 
 
-def _distributed_client(connected: bool = False) -> tuple[object | None, int]:
+def distributed_client(connected: bool = False) -> tuple[object | None, int]:
     """JAX's coordination-service client (None before jax.distributed starts) and our process id.
 
     `connected`: None until the client has joined (JAX sets `client` before it connects, and a
@@ -213,7 +213,7 @@ def _distributed_client(connected: bool = False) -> tuple[object | None, int]:
 
 def announce_failure(what: str, timeout_s: float = 5.0) -> None:
     """Tells the other processes of a multi-process job that this one failed (at most `timeout_s`)."""
-    client, me = _distributed_client(connected=True)
+    client, me = distributed_client(connected=True)
     if client is None:
         return
 
@@ -237,7 +237,7 @@ def watch_peers(done: threading.Event, poll_s: float = 2.0) -> None:
 
     def run() -> None:
         while not done.wait(poll_s):
-            client, me = _distributed_client(connected=True)
+            client, me = distributed_client(connected=True)
             if client is None:
                 continue
             try:

@@ -28,6 +28,7 @@ from trainer.memory import check_state_fits
 from trainer.metrics import Console, MetricsWriter
 from trainer.optim import make_optimizer
 from trainer.preemption import PreemptionWatch
+from trainer.watchdog import HangWatchdog
 from trainer.profiling import StepProfiler
 from trainer.run import Run
 from trainer.step import jit_eval_step, jit_train_step
@@ -184,6 +185,8 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
 
         stop = PreemptionWatch()
         cleanup.callback(stop.close)
+        watchdog = HangWatchdog(cfg.workdir, jax.process_index(), cfg.train.hang_timeout)
+        cleanup.callback(watchdog.close)
         profiler = StepProfiler(cfg.train.profile_steps, os.path.join(cfg.workdir, "tensorboard"),
                                 all_processes=cfg.train.profile_all_processes)
         cleanup.callback(profiler.stop)
@@ -203,6 +206,7 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
             """Step `done`'s numbers on the host: non-finite handling, logging (MaxText's one-step-late read)."""
             nonlocal skipped
             host = jax.device_get(metrics)
+            watchdog.step_done(done)
             profiler.after_step(done)
             timer.tick(done)
             if not bool(host["finite"]):
@@ -255,9 +259,11 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
             if eval_now:
                 last["eval"] = run_eval(step)
                 timer.pause()
+                watchdog.progress(f"eval at step {step}")
             if save_now or preempted:
                 manager.save(step, state, position, force=True)
                 timer.pause()  # the blocking part of an async save is not a train step
+                watchdog.progress(f"checkpoint save at step {step}")
             if preempted:
                 console.log(f"preempted: saved a checkpoint at step {step} in {manager.directory}; exiting")
                 return last

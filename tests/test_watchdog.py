@@ -1,0 +1,72 @@
+"""Hang detection: a process whose input blocks forever, in a 2-process job, on the default data path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import CONFIGS, ROOT, read_metrics
+from trainer.watchdog import EXIT_HANG, HangWatchdog
+
+# The default config (embedded corpus, SentencePiece, packing) with a small model.
+SMALL_DEFAULT = (str(CONFIGS / "default.yaml"), "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64",
+                 "model.encoder_layers=1", "model.decoder_layers=1", "data.inputs_length=32",
+                 "data.targets_length=32", "train.batch_size=8", "train.log_every=1", "train.eval_every=0",
+                 "decode.eval_samples=0", "train.warmup_steps=2")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def test_timeout_is_armed_by_the_first_step_and_follows_the_median():
+    dog = HangWatchdog("unused", 0, None, poll_s=3600)
+    try:
+        assert dog.timeout() is None  # compiling: not armed
+        dog.step_done(1)
+        assert dog.timeout() == 300.0  # no step time yet: the 5-minute floor
+        dog._step_times = [40.0, 50.0, 60.0]
+        assert dog.timeout() == 500.0  # 10 x the median
+    finally:
+        dog.close()
+    fixed = HangWatchdog("unused", 0, 12.5, poll_s=3600)
+    fixed.step_done(3)
+    assert fixed.timeout() == 12.5
+    fixed.close()
+    assert HangWatchdog("unused", 0, 0).timeout() is None  # 0: off (no thread)
+
+
+@pytest.mark.slow
+def test_a_blocked_input_ends_both_processes_with_the_hang_code_and_a_relaunch_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    args = [*SMALL_DEFAULT, f"workdir={workdir}", "train.steps=12", "checkpoint.every=4", "train.hang_timeout=20"]
+    cmd = [sys.executable, "-m", "launch.local", "--processes", "2", "--devices-per-process", "2", "--grace", "60",
+           "--module", "tests.stall_train", "--", *args]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(STALL_PROCESS="1", STALL_AT_BATCH="7"), capture_output=True,
+                          text=True, timeout=600)
+    elapsed = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == EXIT_HANG, out[-4000:]
+    assert f"p0={EXIT_HANG}" in out and f"p1={EXIT_HANG}" in out, out[-3000:]  # both processes, by the watchdog
+    assert elapsed < 300, elapsed
+    stacks = {p: (workdir / "hang" / f"{p}.txt").read_text() for p in (0, 1)}
+    # Process 1 names the frame it is stuck in; process 0 waits for it in the step after.
+    assert "_stalling_next" in stacks[1] and "stall_train.py" in stacks[1], stacks[1][:3000]
+    assert "no step completed for" in stacks[0] and "last completed step" in stacks[0]
+    trained = [r["step"] for r in read_metrics(workdir)]
+    assert max(trained) < 12 and (workdir / "checkpoints" / "4").is_dir()
+
+    # Relaunch without the fault: resumes from the last checkpoint and finishes.
+    relaunch = [sys.executable, "-m", "launch.local", "--processes", "2", "--devices-per-process", "2", "--",
+                *args]
+    proc = subprocess.run(relaunch, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "resuming from checkpoint step 4" in out
+    assert (workdir / "checkpoints" / "12").is_dir()
