@@ -46,7 +46,7 @@ def test_a_blocked_input_ends_both_processes_with_the_hang_code_and_a_relaunch_r
     workdir = tmp_path / "run"
     args = [*SMALL_DEFAULT, f"workdir={workdir}", "train.steps=12", "checkpoint.every=4", "train.hang_timeout=20"]
     cmd = [sys.executable, "-m", "launch.local", "--processes", "2", "--devices-per-process", "2", "--grace", "60",
-           "--module", "tests.stall_train", "--", *args]
+           "--module", "tests.faulty_train", "--", *args]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(STALL_PROCESS="1", STALL_AT_BATCH="7"), capture_output=True,
                           text=True, timeout=600)
@@ -57,7 +57,7 @@ def test_a_blocked_input_ends_both_processes_with_the_hang_code_and_a_relaunch_r
     assert elapsed < 300, elapsed
     stacks = {p: (workdir / "hang" / f"{p}.txt").read_text() for p in (0, 1)}
     # Process 1 names the frame it is stuck in; process 0 waits for it in the step after.
-    assert "_stalling_next" in stacks[1] and "stall_train.py" in stacks[1], stacks[1][:3000]
+    assert "_faulty_next" in stacks[1] and "faulty_train.py" in stacks[1], stacks[1][:3000]
     assert "no step completed for" in stacks[0] and "last completed step" in stacks[0]
     trained = [r["step"] for r in read_metrics(workdir)]
     assert max(trained) < 12 and (workdir / "checkpoints" / "4").is_dir()
@@ -70,3 +70,23 @@ def test_a_blocked_input_ends_both_processes_with_the_hang_code_and_a_relaunch_r
     assert proc.returncode == 0, out[-4000:]
     assert "resuming from checkpoint step 4" in out
     assert (workdir / "checkpoints" / "12").is_dir()
+
+
+@pytest.mark.slow
+def test_a_slowed_process_is_named_the_straggler_with_its_lag(tmp_path):
+    """2 processes on the default data; process 1 waits 0.3 s more for every batch."""
+    workdir = tmp_path / "run"
+    args = [*SMALL_DEFAULT, f"workdir={workdir}", "train.steps=8", "train.log_every=4", "checkpoint.every=0",
+            "checkpoint.save_final=false"]
+    cmd = [sys.executable, "-m", "launch.local", "--processes", "2", "--devices-per-process", "2", "--module",
+           "tests.faulty_train", "--", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(SLOW_PROCESS="1", SLOW_SECONDS="0.3"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == [4, 8]
+    for r in records:
+        assert r["slowest_process"] == 1
+        assert 0.1 < r["straggler_lag_s"] < 1.0, r  # the others wait for its 0.3 s per batch
+        # Process 0 waits for process 1 (in the step's collectives, or in dispatch once the queue is full).
+        assert r["device_s"] + r["dispatch_s"] > 0.1 and r["data_wait_s"] < 0.1

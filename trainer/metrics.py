@@ -24,6 +24,11 @@ TRAIN_SCALARS = {
     "per_device_tflops_per_sec": "perf/per_device_tflops_per_sec",
     "mfu": "perf/mfu",
     "skipped_steps": "learning/skipped_steps",
+    "slowest_process": "perf/slowest_process",
+    "straggler_lag_s": "perf/straggler_lag_s",
+    "data_wait_s": "perf/data_wait_seconds",
+    "dispatch_s": "perf/dispatch_seconds",
+    "device_s": "perf/device_wait_seconds",
 }
 
 
@@ -63,7 +68,10 @@ class MetricsWriter:
             if key in ("step", "split") or not isinstance(value, (int, float)) or isinstance(value, bool) \
                     or not math.isfinite(value):
                 continue
-            tag = TRAIN_SCALARS.get(key, f"train/{key}") if split == "train" else f"{split}/{key}"
+            tag = f"{split}/{key}"
+            if split == "train":  # goodput_train_s -> goodput/train_s (the clock's keys, trainer/goodput.py)
+                tag = TRAIN_SCALARS.get(key) or (f"goodput/{key[8:] or key}" if key.startswith("goodput")
+                                                 else f"train/{key}")
             self._tb.add_scalar(tag, value, step)
 
     def text(self, tag: str, text: str, step: int) -> None:

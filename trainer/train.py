@@ -24,15 +24,17 @@ from trainer.config import Config, ConfigError, dump_yaml, load_config
 from trainer.data.pipeline import derive_stats
 from trainer.data.stream import DataError
 from trainer.generation_eval import GenerationEval, format_samples
+from trainer.goodput import GoodputClock, last_logged_step
 from trainer.memory import check_state_fits
 from trainer.metrics import Console, MetricsWriter
 from trainer.optim import make_optimizer
 from trainer.preemption import PreemptionWatch
-from trainer.watchdog import HangWatchdog
 from trainer.profiling import StepProfiler
 from trainer.run import Run
 from trainer.step import jit_eval_step, jit_train_step
+from trainer.stragglers import StepSplit, straggler_fields
 from trainer.train_state import count_params, create_state
+from trainer.watchdog import HangWatchdog
 from trainer.workdir import check_workdir, existing_ancestor, lock_workdir
 
 # Exit codes of `python -m trainer.train` (README, "Exit codes"); 3 is a distributed join timeout
@@ -90,11 +92,13 @@ def train(cfg: Config, *, devices: list | None = None) -> dict[str, Any]:
     everything the run opens (input workers, checkpoint manager, writers, signal handlers) is
     closed on the way out, however it ends.
     """
+    clock = GoodputClock(cfg.workdir, enabled=False)  # wall time from here, by category
     with contextlib.ExitStack() as cleanup:
-        return _train(cfg, devices=devices, cleanup=cleanup)
+        return _train(cfg, devices=devices, cleanup=cleanup, clock=clock)
 
 
-def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) -> dict[str, Any]:
+def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack,
+           clock: GoodputClock) -> dict[str, Any]:
     run = Run.from_config(cfg, devices)  # devices first: jax.distributed before any JAX computation
     # One run per workdir: locked before anything is written there or the checkpoints are opened
     # (their start-up clean-up would delete a live run's in-flight save); ConfigError when taken.
@@ -104,6 +108,13 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
 
     is_main = jax.process_index() == 0
     console = Console(cfg.train.steps, enabled=is_main)
+    clock.enabled = is_main
+    # The goodput account closes last (after the final save's wait): `shutdown` covers that wait.
+    cleanup.push(lambda exc_type, *_: _close_clock(clock, console, exc_type))
+    previous_last_step = clock.open_launch()  # before the metrics writer drops the steps a resume redoes
+    logged = last_logged_step(os.path.join(cfg.workdir, "metrics.jsonl"))
+    if logged is not None:
+        previous_last_step = max(previous_last_step or 0, logged)
     run.check_train_batch()
     console.log(f"mesh: {dict(run.mesh.shape)} over {run.mesh.devices.size} devices "
                 f"({jax.process_count()} process(es), {jax.local_device_count()} local)")
@@ -125,7 +136,9 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
         # untouched; a resume with changed settings keeps the old config.yaml as config.STEP.yaml.
         manager = ckpt.CheckpointManager(cfg, spec, run.mesh)
         cleanup.callback(manager.close)
+        previous = clock.enter("checkpoint")
         state, data_state = manager.restore_or_init(create_state)
+        clock.enter(previous)
         if data_state is not None:
             try:  # the global position: any number of processes continues at the next global batch
                 train_data.set_state(data_state)
@@ -137,6 +150,7 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
             _write_atomic(os.path.join(cfg.workdir, "config.yaml"),
                           dump_yaml(dataclasses.replace(cfg, data=train_data.data_config)))
         start_step = int(jax.device_get(state["step"]))
+        clock.resumed(start_step, previous_last_step)
         console.log(f"model: {count_params(state['params']) / 1e6:.2f}M parameters "
                     f"(vocab {cfg.model.vocab_size} padded to {model_cfg.padded_vocab_size})"
                     + (f"; resumed at step {start_step}" if start_step else ""))
@@ -162,6 +176,13 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
                                       tokenizer=train_data.tokenizer)
 
         def run_eval(step: int) -> dict[str, float]:
+            previous = clock.enter("eval")
+            try:
+                return _eval(step)
+            finally:
+                clock.enter(previous)
+
+        def _eval(step: int) -> dict[str, float]:
             sums = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
             with run.pipeline("eval") as eval_data:
                 for i, local in enumerate(eval_data):
@@ -195,18 +216,30 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
         devices_in_mesh = run.mesh.devices.size
         skipped = 0
         timer = _StepTimer()
+        split = StepSplit()  # this process's data wait / dispatch / device time, for straggler logging
         step = start_step
 
         def fetch() -> tuple[dict[str, jax.Array], dict[str, Any]]:
             """The next batch and the data position right after it (saved with a step that trained it)."""
+            previous, since = clock.enter("data_wait"), time.perf_counter()
             local = next(train_data)
-            return run.to_global(local), train_data.get_state()
+            batch = run.to_global(local), train_data.get_state()
+            clock.enter(previous)
+            split.add("data_wait", since)
+            return batch
 
         def report(done: int, metrics: dict[str, jax.Array]) -> None:
             """Step `done`'s numbers on the host: non-finite handling, logging (MaxText's one-step-late read)."""
             nonlocal skipped
+            since = time.perf_counter()
             host = jax.device_get(metrics)
+            split.add("device", since)
+            split.steps += 1
+            if done == start_step + 1:
+                split.restart()  # the first step compiles: not a straggler figure
             watchdog.step_done(done)
+            clock.last_step = done
+            clock.enter(clock.step_state(done + 1))  # until the next report: step done + 1's time
             profiler.after_step(done)
             timer.tick(done)
             if not bool(host["finite"]):
@@ -227,9 +260,11 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
                           "per_device_tflops_per_sec": step_time and flops / step_time / devices_in_mesh / 1e12,
                           "step_time_s": step_time, "mfu": step_time and flops / step_time / peak_total,
                           "skipped_steps": skipped}
-                record.update(_data_stats(train_data))
+                record.update(_interval_stats(train_data, split))
                 # Useful work: the padded rate times the fraction of batch slots that hold real tokens.
                 record["nonpad_tokens_per_sec"] = tps and tps * record["packing_efficiency"]
+                record.update(clock.record_fields())
+                clock.save()
                 writer.write(record)
                 console.progress(done, record["loss"], tps, record["mfu"], step_time)
                 last["train"] = record
@@ -238,9 +273,12 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
         position = train_data.get_state()
         batch, batch_position = fetch() if step < cfg.train.steps else (None, None)
         unread = None  # (step, metrics): dispatched, numbers not read yet
+        clock.enter("compile")  # the launch's first step, until its numbers are read
         while step < cfg.train.steps:
             profiler.before_step(step + 1)
+            since = time.perf_counter()
             state, metrics = step_fn(state, batch)
+            split.add("dispatch", since)
             step += 1
             position = batch_position
             # Load the next batch while the step runs; then read the previous step's numbers, so the
@@ -261,24 +299,44 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack) 
                 timer.pause()
                 watchdog.progress(f"eval at step {step}")
             if save_now or preempted:
+                previous = clock.enter("checkpoint")
                 manager.save(step, state, position, force=True)
+                clock.enter(previous)
                 timer.pause()  # the blocking part of an async save is not a train step
                 watchdog.progress(f"checkpoint save at step {step}")
             if preempted:
+                clock.status = "preempted"
                 console.log(f"preempted: saved a checkpoint at step {step} in {manager.directory}; exiting")
                 return last
+        clock.status = "finished"
         console.log(f"done: {step} steps; outputs in {os.path.abspath(cfg.workdir)}")
         return last
 
 
-def _data_stats(pipeline: Any) -> dict[str, Any]:
-    """The input pipeline's figures summed over every process (one small all-gather per log)."""
+def _close_clock(clock: GoodputClock, console: Console, exc_type: type | None) -> None:
+    """The launch's final account: written to WORKDIR/goodput/ and summarised on the console."""
+    if not clock.started:
+        return
+    if exc_type is not None:
+        clock.status = "failed"
+    clock.enter("shutdown")
+    try:
+        clock.save()
+    except OSError:
+        pass
+    console.log(clock.summary())
+
+
+def _interval_stats(pipeline: Any, split: StepSplit) -> dict[str, Any]:
+    """The input pipeline's figures summed over every process, and the straggler figures: one small
+    all-gather per log (none on one process)."""
     counters = pipeline.counters
-    if jax.process_count() > 1:
-        keys = sorted(counters)
-        summed = multihost_utils.process_allgather(np.array([counters[k] for k in keys], np.int64)).sum(axis=0)
-        counters = dict(zip(keys, (int(v) for v in summed)))
-    return derive_stats(counters, pipeline.sources)
+    keys = sorted(counters)
+    local = np.concatenate([np.array([counters[k] for k in keys], np.float64), split.local()])
+    everyone = multihost_utils.process_allgather(local) if jax.process_count() > 1 else local[None]
+    summed = everyone[:, : len(keys)].sum(axis=0)
+    stats = derive_stats(dict(zip(keys, (int(round(v)) for v in summed))), pipeline.sources)
+    return {**stats, **straggler_fields(everyone[:, len(keys):])}
 
 
 class _StepTimer:
