@@ -103,6 +103,7 @@ BAD_VALUES = [
     ("seed", -1, ()), ("seed", 2**32, ()), ("seed", 2**70, ()),
     ("runtime.cpu_devices", 0, ()), ("runtime.cpu_devices", 100_000, ()),
     ("mesh.data", 0, ()), ("mesh.fsdp", -2, ()), ("mesh.tensor", 0, ()),
+    ("mesh.dcn_data", 0, ()), ("mesh.dcn_fsdp", -1, ()),
     ("train.steps", -1, ()),
     ("train.batch_size", 0, ()), ("train.batch_size", -16, ()),
     ("train.grad_accum_steps", 0, ()), ("train.grad_accum_steps", 3, ()),

@@ -59,6 +59,10 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1  # -1 fills with the remaining devices
     tensor: int = 1
+    # Several TPU slices (or GPU nodes): how many ways of `data` / `fsdp` cross the data-center
+    # network; their product must be the number of slices (nodes). The rest stays inside a slice.
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,6 +428,9 @@ def validate(cfg: Config) -> None:
         _require(size == -1 or size >= 1, f"mesh.{name}", f"must be -1 (fill) or >= 1, got {size}")
     _require(sum(getattr(cfg.mesh, n) == -1 for n in ("data", "fsdp", "tensor")) <= 1, "mesh",
              "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    for name in ("dcn_data", "dcn_fsdp"):
+        size = getattr(cfg.mesh, name)
+        _require(size >= 1, f"mesh.{name}", f"must be >= 1 (ways across slices; 1 = within one), got {size}")
     c = cfg.checkpoint
     _require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0 disables), got {c.every}")
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")

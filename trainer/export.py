@@ -107,7 +107,8 @@ def parse_size(text: str) -> int:
 def export(cfg: Config, options: dict[str, str]) -> str:
     """Restores the parameters onto this machine's devices and writes the export; returns its path."""
     # The export only needs to hold the parameters: FSDP over whatever devices are here.
-    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=1))
+    cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, data=1, fsdp=-1, tensor=1, dcn_data=1,
+                                                              dcn_fsdp=1))
     run = Run.from_config(cfg)
     if cfg.model.vocab_size is None:  # a config that leaves it to the tokenizer: ask the (cached) tokenizer
         run, _ = run.with_run_tokenizer()
