@@ -166,8 +166,8 @@ def _export_hf(params, cfg, out, max_shard_bytes=5 * 10**9):
     return Path(out)
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-@pytest.mark.parametrize("style", list(STYLES))
+# Both styles and both layer layouts, in two runs (each run exports twice and imports three times).
+@pytest.mark.parametrize("style, scan", [("v1_0", False), ("v1_1", True)], ids=["v1_0-loop", "v1_1-scan"])
 def test_export_loads_in_transformers_and_imports_back_bitwise(hf_models, style, scan, tmp_path):
     msgpack_dir, _, model = hf_models[style]
     model_cls, _ = _flax_t5()

@@ -351,6 +351,19 @@ def _find_config(path: Path) -> Path:
     return shipped if shipped.is_file() else path
 
 
+def split_command_options(argv: list[str], keys: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """A command's own `key=value` options (e.g. export's `output=`), and the rest (config + overrides)."""
+    options: dict[str, str] = {}
+    rest = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys:
+            options[key] = value
+        else:
+            rest.append(arg)
+    return options, rest
+
+
 def load_config(args: list[str] | None = None, *, path: str | os.PathLike | None = None) -> Config:
     """Builds the Config from `[CONFIG.yaml] [key=value ...]` (CONFIG defaults to default.yaml)."""
     cli_path, overrides = parse_overrides(list(args or []))

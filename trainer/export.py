@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from trainer.checkpoint import committed_steps, restore_items
-from trainer.config import Config, ConfigError, dump_yaml, load_config
+from trainer.config import Config, ConfigError, dump_yaml, load_config, split_command_options
 from trainer.run import Run
 from trainer.workdir import unwritable_reason
 
@@ -44,14 +44,7 @@ _COMMAND_KEYS = ("output", "dtype", "checkpoint_step", "format", "max_shard_size
 
 
 def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
-    options = {}
-    rest = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in _COMMAND_KEYS:
-            options[key] = value
-        else:
-            rest.append(arg)
+    options, rest = split_command_options(argv, _COMMAND_KEYS)
     workdir = next((a.partition("=")[2] for a in rest if a.startswith("workdir=")), None)
     if not workdir:
         raise ConfigError("missing `workdir=RUN`: the training run to export")

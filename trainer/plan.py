@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError, load_config, split_command_options
 
 GIB = 2**30
 TPU_HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
@@ -271,14 +271,7 @@ def _row(change: dict[str, Any], r: dict[str, Any], target: Target) -> str:
 
 
 def parse_args(argv: list[str]) -> tuple[list[str], Target, bool]:
-    options = {}
-    rest = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in _COMMAND_KEYS:
-            options[key] = value
-        else:
-            rest.append(arg)
+    options, rest = split_command_options(argv, _COMMAND_KEYS)
     if "target" not in options:
         raise ConfigError("missing target=tpu:GEN:TOPOLOGY or target=gpu:KINDxN (e.g. target=gpu:h100x16)")
     memory = None
