@@ -87,6 +87,11 @@ def test_tpu_target_compiles_with_the_tpu_compiler():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "exact (TPU compiler)" in r.stdout and "fits as configured" in r.stdout
     assert "{'data': 1, 'fsdp': 4, 'tensor': 1}" in r.stdout
+    # XLA's compile-time OOM (a 4096 x 512-token batch through a 32k vocabulary) is a row, not a traceback.
+    r = _plan_cli(*TINY, "target=tpu:v5e:2x2", "search=false", "train.batch_size=4096", "data.inputs_length=512",
+                  "data.targets_length=512", "model.vocab_size=32000")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "compile-time OOM: HLO temporaries" in r.stdout and "> available HBM" in r.stdout, r.stdout[-2000:]
     # Two slices: the slices must be declared; then data crosses them and fsdp stays inside.
     r = _plan_cli(*TINY, "target=tpu:v5e:2x2x2slices")
     assert r.returncode == 2 and "set mesh.dcn_data" in r.stderr, r.stderr[-2000:]

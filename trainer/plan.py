@@ -168,6 +168,11 @@ def compile_step(cfg: Config, target: Target, devices: list[Any]) -> dict[str, A
 
 
 def _oom_line(text: str) -> str:
+    """XLA's compile-time OOM in a few words: `temporaries 23.46G + ... > HBM 15.75G` when it says so."""
+    need = re.search(r"required for (HLO temporaries|[^(]*?)\s*\(([\d.]+\s*[KMGT]i?B?)\)\s*exceeds available HBM "
+                     r"\(([\d.]+\s*[KMGT]i?B?)\)", text)
+    if need:
+        return f"compile-time OOM: {need.group(1)} {need.group(2)} > available HBM {need.group(3)}"
     for line in text.splitlines():
         if "exceeds" in line or "RESOURCE_EXHAUSTED" in line:
             return line.strip()[:300]
