@@ -180,18 +180,18 @@ def _lock_free(workdir: Path) -> bool:
         return True
 
 
-# Process 1 fails at its first log step (inside the all-gather of the data statistics, where
+# Process 1 fails at its first log step (inside the per-log all-gather of the data and straggler figures, where
 # process 0 then waits for it): the job must not hang.
 FAIL_IN_PROCESS_1 = r"""
 import sys
 import trainer.train as t
-real = t._data_stats
-def failing(pipeline):
+real = t._interval_stats
+def failing(pipeline, split):
     import jax
     if jax.process_index() == 1:
         raise RuntimeError("injected failure in process 1")
-    return real(pipeline)
-t._data_stats = failing
+    return real(pipeline, split)
+t._interval_stats = failing
 from trainer.lifecycle import run_main
 sys.argv = ["trainer.train", *sys.argv[1:]]
 run_main(t.main)
