@@ -13,10 +13,11 @@ import difflib
 import math
 import os
 import re
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -349,6 +350,17 @@ def _find_config(path: Path) -> Path:
     parts = path.parts[1:] if path.parts and path.parts[0] == "configs" else path.parts
     shipped = CONFIG_DIR.joinpath(*parts) if parts else CONFIG_DIR
     return shipped if shipped.is_file() else path
+
+
+def run_command(fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:
+    """A command's exit code: `fn(argv)`'s when it returns an int (else 0), or 2 with one line for a
+    ConfigError."""
+    try:
+        code = fn(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return code if isinstance(code, int) else 0
 
 
 def split_command_options(argv: list[str], keys: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from trainer.checkpoint import committed_steps, restore_items
-from trainer.config import Config, ConfigError, dump_yaml, load_config, split_command_options
+from trainer.config import Config, ConfigError, dump_yaml, load_config, run_command, split_command_options
 from trainer.run import Run
 from trainer.workdir import unwritable_reason
 
@@ -160,13 +160,7 @@ def write_hf(cfg: Config, params: Any, output: str, max_shard_bytes: int) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, options = parse_args(sys.argv[1:] if argv is None else argv)
-        export(cfg, options)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda args: export(*parse_args(args)), argv)
 
 
 if __name__ == "__main__":

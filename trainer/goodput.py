@@ -186,16 +186,17 @@ def report(workdir: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("error: usage: python -m trainer.goodput WORKDIR", file=sys.stderr)
-        return 2
-    try:
-        print(report(argv[0]))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from trainer.config import ConfigError, run_command
+
+    def command(argv: list[str]) -> None:
+        if len(argv) != 1:
+            raise ConfigError("usage: python -m trainer.goodput WORKDIR")
+        try:
+            print(report(argv[0]))
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
+
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def hf_name(parts: list[str], cfg: ModelConfig) -> tuple[str, bool]:
     }
     if joined in fixed:
         return fixed[joined]
-    if len(parts) == 5 and parts[1] == "layers" or len(parts) == 4 and parts[1] == "layers":
+    if len(parts) == 4 and parts[1] == "layers":  # stack / layers / module / leaf
         stack, module, leaf = parts[0], parts[-2], parts[-1]
         sublayers = _ENCODER_SUBLAYERS if stack == "encoder" else _DECODER_SUBLAYERS
         if module in sublayers:
@@ -116,6 +116,7 @@ class WeightFiles:
         self._msgpack: dict[str, np.ndarray] | None = None
         self._files: dict[str, Path] = {}
         self._flax_layout = False
+        self._shapes: dict[str, tuple[int, ...]] = {}
         index = self.directory / SAFETENSORS_INDEX
         single = self.directory / SAFETENSORS
         if index.is_file():
@@ -162,7 +163,12 @@ class WeightFiles:
             return (f.metadata() or {}).get("format", "pt")
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """The tensor's shape in PyTorch layout."""
+        """The tensor's shape in PyTorch layout (read once: every shard of every layer asks)."""
+        if name not in self._shapes:
+            self._shapes[name] = self._read_shape(name)
+        return self._shapes[name]
+
+    def _read_shape(self, name: str) -> tuple[int, ...]:
         if self._msgpack is not None:
             return tuple(self._msgpack[name].shape)
         from safetensors import safe_open
@@ -238,7 +244,7 @@ def check_names(files: WeightFiles, entries: list[tuple[tuple, str, bool, int | 
     """Every tensor the model needs is there, and nothing is left over; ConfigError naming the first."""
     wanted = set()
     for _, name, _, stacked in entries:
-        wanted.update(name.format(layer=i) for i in range(stacked)) if stacked else wanted.add(name)
+        wanted.update(name.format(layer=i) for i in range(stacked or 1))
     tolerated = set(_ALIASES) | ({"lm_head.weight"} if cfg.tie_output else set())
     missing = sorted(wanted - files.names)
     if missing:

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 
 from model import ModelConfig
-from trainer.config import Config, ConfigError, dump_yaml, load_config
+from trainer.config import Config, ConfigError, dump_yaml, load_config, run_command
 from trainer.hf_config import model_options, read_hf_config
 from trainer.hf_weights import WeightFiles, load_params
 from trainer.workdir import unwritable_reason
@@ -197,13 +197,7 @@ def import_checkpoint(path: Path, out: str, args: list[str]) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        path, out, rest = parse_args(sys.argv[1:] if argv is None else argv)
-        import_checkpoint(path, out, rest)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda args: import_checkpoint(*parse_args(args)), argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from trainer.config import Config, ConfigError, load_config, split_command_options
+from trainer.config import Config, ConfigError, load_config, run_command, split_command_options
 
 GIB = 2**30
 TPU_HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
@@ -86,17 +86,15 @@ def target_devices(target: Target) -> list[Any]:
             raise ConfigError(f"target={target.name}: only {len(devices)} simulated CPU devices (the plan sets "
                               f"runtime.cpu_devices={target.devices}; do not override it)")
         return devices[: target.devices]
+    if not _has_libtpu():
+        raise ConfigError(f"target={target.name} needs libtpu to compile for TPUs on this host: {INSTALL_LIBTPU}")
     try:
         from jax.experimental import topologies
 
         topo = topologies.get_topology_desc(topology_name=f"{target.chip}:{target.topology}", platform="tpu",
                                             num_slices=target.slices)
-    except Exception as e:  # noqa: BLE001 - libtpu missing or the topology refused
+    except Exception as e:  # noqa: BLE001 - libtpu refused the topology
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "libtpu" in text.lower() or "tpu" in text.lower() and "not found" in text.lower() or isinstance(
-                e, (ImportError, RuntimeError)) and not _has_libtpu():
-            raise ConfigError(f"target={target.name} needs libtpu to compile for TPUs on this host: "
-                              f"{INSTALL_LIBTPU}") from None
         raise ConfigError(f"target={target.name}: libtpu refused the topology ({text[:300]})") from None
     return list(topo.devices)
 
@@ -301,12 +299,11 @@ def parse_args(argv: list[str]) -> tuple[list[str], Target, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args, target, search = parse_args(sys.argv[1:] if argv is None else argv)
+    def command(argv: list[str]) -> int:
+        args, target, search = parse_args(argv)
         return plan(args, target, search=search)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":
