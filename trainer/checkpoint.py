@@ -35,12 +35,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model import axes
+from trainer import storage
 from trainer.config import Config, ConfigError, to_dict
 from trainer.train_state import StateSpec, TrainState
 
 # The `data` item's layout: 2 = exact per-array checksums (`arrays`) and a sha256 over the item;
 # checkpoints without `sha256` carry the older float `fingerprint` (still accepted).
 CHECKSUM_FORMAT = 2
+# On object storage Orbax marks a finished step folder with this file (no rename there).
+COMMIT_FILE = "commit_success.txt"
 
 
 def _log(message: str) -> None:
@@ -65,11 +68,12 @@ class CheckpointManager:
         self.cfg = cfg
         self.spec = spec
         self.mesh = mesh
-        self.directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
+        self.directory = orbax_directory(storage.join(cfg.workdir, "checkpoints"))
         policies = [ocp.checkpoint_managers.LatestN(cfg.checkpoint.keep)]
         if cfg.checkpoint.keep_period:
             policies.append(ocp.checkpoint_managers.EveryNSteps(cfg.checkpoint.keep_period))
-        options = ocp.CheckpointManagerOptions(
+        options = manager_options(
+            self.directory,
             enable_async_checkpointing=cfg.checkpoint.async_save,
             # An interrupted save leaves `N.orbax-checkpoint-tmp*`: never used, removed on start.
             cleanup_tmp_directories=True,
@@ -117,7 +121,7 @@ class CheckpointManager:
         is damage: that step is renamed `STEP.damaged` and the one before is tried.
         """
         for step in sorted(self._manager.all_steps(), reverse=True):
-            path = os.path.join(self.directory, str(step))
+            path = storage.join(self.directory, str(step))
             if self._params_only(step):  # an imported model: start training from its parameters
                 state = create(self.spec)
                 params, _ = restore_items(self.directory, {"params": self.spec.restore_target()["params"]}, step,
@@ -155,12 +159,12 @@ class CheckpointManager:
 
         Raises ConfigError when the step is intact but holds another model.
         """
-        path = os.path.join(self.directory, str(step))
+        path = storage.join(self.directory, str(step))
         try:
             restored = _restore_verified(
                 self._manager, step, self.spec.restore_target(), partial=False,
                 source=f"checkpoint {path}", config=to_dict(self.cfg),
-                advice=f"nothing in {os.path.abspath(self.cfg.workdir)} was changed: resume with the checkpoint's "
+                advice=f"nothing in {storage.absolute(self.cfg.workdir)} was changed: resume with the checkpoint's "
                        f"settings, or train this model in another workdir (checkpoint.restore_from=... starts "
                        f"from this run's parameters when their shapes match)")
         except _Damaged as e:
@@ -186,13 +190,13 @@ class CheckpointManager:
     def _set_aside(self, step: int) -> None:
         """Renames a damaged step folder so that a new save of that step can commit."""
         if jax.process_index() == 0:
-            src = os.path.join(self.directory, str(step))
+            src = storage.join(self.directory, str(step))
             dst = f"{src}.damaged"
             n = 1
-            while os.path.exists(dst):
+            while storage.exists(dst):
                 n += 1
                 dst = f"{src}.damaged{n}"
-            os.rename(src, dst)
+            storage.move(src, dst)
         multihost_utils.sync_global_devices(f"checkpoint-set-aside-{step}")
         self._manager.reload()
 
@@ -209,7 +213,7 @@ class CheckpointManager:
         wanted = ["params"] if self.cfg.checkpoint.restore_params_only else list(state)
         restored, _ = restore_items(directory, {k: self.spec.restore_target()[k] for k in wanted}, step,
                                     source=f"checkpoint.restore_from={path}", config=to_dict(self.cfg))
-        _log(f"initialised {' and '.join(wanted)} from {os.path.join(directory, str(step))}")
+        _log(f"initialised {' and '.join(wanted)} from {storage.join(directory, str(step))}")
         return {**state, **restored}
 
 
@@ -220,7 +224,8 @@ def save_params_checkpoint(directory: str, step: int, params: Any, cfg: Config) 
     data = _sealed({"format": CHECKSUM_FORMAT, "process_count": jax.process_count(), "states": [],
                     "params_only": True, "arrays": array_records({"params": params}),
                     "config_sha256": _sha256_json(config)})
-    with ocp.CheckpointManager(os.path.abspath(directory),
+    directory = orbax_directory(directory)
+    with ocp.CheckpointManager(directory, options=manager_options(directory),
                                item_handlers=_item_handlers(ocp.StandardCheckpointHandler())) as manager:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
                                                    data=ocp.args.JsonSave(data), config=ocp.args.JsonSave(config)))
@@ -231,13 +236,36 @@ def _item_handlers(state_handler: Any) -> dict[str, Any]:
     return {"state": state_handler, "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
 
 
+def orbax_directory(directory: str) -> str:
+    """`directory` as Orbax takes it: an absolute local path, or a gs:// / s3:// URL it can write."""
+    storage.check(directory)
+    if storage.scheme(directory) == "s3":
+        storage.orbax_s3()
+    return storage.absolute(directory)
+
+
+def temporary_path_class(directory: str) -> Any:
+    """Object storage has no atomic folder rename: a save is finished once its `commit_success.txt`
+    exists (Orbax's default on gs://, used on s3:// too); locally (None: Orbax's default) a folder
+    written under a temporary name is renamed into place."""
+    return ocp.path.atomicity.CommitFileTemporaryPath if storage.is_remote(directory) else None
+
+
+def manager_options(directory: str, **kwargs: Any) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(temporary_path_class=temporary_path_class(directory), **kwargs)
+
+
 def _read_only_manager(directory: str) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+    directory = orbax_directory(directory)
+    return ocp.CheckpointManager(directory, options=manager_options(directory, read_only=True),
                                  item_handlers=_item_handlers(ocp.PyTreeCheckpointHandler()))
 
 
 def committed_steps(directory: str) -> list[int]:
     """Committed step folders of a checkpoints directory, oldest first."""
+    if storage.is_remote(directory):
+        return sorted(int(d) for d in storage.listdir(directory)
+                      if d.isdigit() and storage.isfile(storage.join(directory, d, COMMIT_FILE)))
     if not os.path.isdir(directory):
         return []
     return sorted(int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
@@ -258,7 +286,7 @@ def restore_items(directory: str, target: dict[str, Any], step: int | None = Non
     problems = []
     with _read_only_manager(directory) as manager:
         for candidate in steps:
-            path = os.path.join(directory, str(candidate))
+            path = storage.join(directory, str(candidate))
             try:
                 restored = _restore_verified(manager, candidate, target, partial=True, source=source or
                                              f"checkpoint {path}", config=config, config_prefix="model.")
@@ -618,26 +646,21 @@ def _format_changes(changes: list[tuple[str, Any, Any]]) -> str:
 
 def _keep_previous_config(workdir: str, step: int, saved_config: Any) -> str | None:
     """Copies WORKDIR/config.yaml (or, without one, the checkpoint's config) to config.STEP.yaml."""
-    current = os.path.join(workdir, "config.yaml")
-    if os.path.isfile(current):
-        with open(current, encoding="utf-8") as f:
-            text = f.read()
+    current = storage.join(workdir, "config.yaml")
+    if storage.isfile(current):
+        text = storage.read_text(current)
     elif isinstance(saved_config, dict):
         text = yaml.safe_dump(saved_config, sort_keys=False, default_flow_style=None)
     else:
         return None
-    base = os.path.join(workdir, f"config.{step}")
+    base = storage.join(workdir, f"config.{step}")
     dst, n = f"{base}.yaml", 1
-    while os.path.exists(dst):  # never overwritten: an identical copy is already there, or another name
-        with open(dst, encoding="utf-8") as f:
-            if f.read() == text:
-                return dst
+    while storage.exists(dst):  # never overwritten: an identical copy is already there, or another name
+        if storage.read_text(dst) == text:
+            return dst
         n += 1
         dst = f"{base}.{n}.yaml"
-    tmp = f"{dst}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, dst)
+    storage.write_text(dst, text)
     return dst
 
 
@@ -648,13 +671,13 @@ def _first_line(e: BaseException) -> str:
 
 def _resolve_checkpoint(path: str) -> tuple[str, int]:
     """Accepts a run's workdir, its checkpoints folder, or one step folder."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    base = os.path.basename(path.rstrip("/"))
-    if base.isdigit() and os.path.isdir(path):
-        return os.path.dirname(path), int(base)
-    if not os.path.isdir(path):
+    path = storage.absolute(path)
+    if storage.isdir(storage.join(path, "checkpoints")):
+        path = storage.join(path, "checkpoints")
+    base = storage.basename(path)
+    if base.isdigit() and storage.isdir(path):
+        return storage.dirname(path), int(base)
+    if not storage.isdir(path):
         raise ConfigError(f"checkpoint.restore_from: {path} does not exist")
     steps = committed_steps(path)
     if not steps:

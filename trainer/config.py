@@ -193,14 +193,23 @@ class Config:
 # Loading
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _as_path(path: str | os.PathLike) -> Path | str:
+    """A local config path as a Path; a gs:// or s3:// URL stays a string (trainer.storage reads it)."""
+    from trainer import storage
+
+    return os.fspath(path) if storage.is_remote(path) else Path(path)
+
+
+def _read_yaml(path: Path | str, seen: tuple[Path | str, ...] = ()) -> dict[str, Any]:
     """Reads a YAML file (safe loader); a `base:` key names a file it extends."""
-    if path.is_dir():
+    from trainer import storage
+
+    if storage.isdir(str(path)):
         raise ConfigError(f"config file {path} is a directory; give a YAML file")
-    if not path.is_file():
+    if not storage.isfile(str(path)):
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = yaml.load(storage.read_text(str(path)), Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -213,10 +222,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = raw.pop("base", None)
     if base is None:
         return raw
-    base_path = (path.parent / base).resolve()
+    if isinstance(path, str):  # a URL: `base` is another URL, or relative to this one's folder
+        base_path: Path | str = base if storage.is_remote(base) else storage.join(storage.dirname(path), base)
+        here: Path | str = path
+    else:
+        base_path, here = _as_path(path.parent / base), path.resolve()
+        base_path = base_path.resolve() if isinstance(base_path, Path) else base_path
     if base_path in seen:
         raise ConfigError(f"{path}: `base` chain loops back to {base_path}")
-    merged = _read_yaml(base_path, seen + (path.resolve(),))
+    merged = _read_yaml(base_path, seen + (here,))
     _deep_merge(merged, raw)
     return merged
 
@@ -315,7 +329,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, where: str) -> Any:
     return cls(**kwargs)
 
 
-def parse_overrides(args: list[str]) -> tuple[Path | None, dict[str, Any]]:
+def parse_overrides(args: list[str]) -> tuple[Path | str | None, dict[str, Any]]:
     """Splits CLI arguments into an optional config path and a nested dict of overrides."""
     path = None
     nested: dict[str, Any] = {}
@@ -323,7 +337,7 @@ def parse_overrides(args: list[str]) -> tuple[Path | None, dict[str, Any]]:
         if "=" not in arg:
             if path is not None or arg.startswith("-"):
                 raise ConfigError(f"unexpected argument `{arg}`: expected CONFIG.yaml then key.path=value overrides")
-            path = Path(arg)
+            path = _as_path(arg)
             continue
         key, _, text = arg.partition("=")
         if not key or any(not part for part in key.split(".")):
@@ -342,10 +356,10 @@ def parse_overrides(args: list[str]) -> tuple[Path | None, dict[str, Any]]:
     return path, nested
 
 
-def _find_config(path: Path) -> Path:
+def _find_config(path: Path | str) -> Path | str:
     """A config path as given, else the shipped config of that name (`configs/tiny.yaml` works from any
     directory, also with the package installed)."""
-    if path.exists() or path.is_absolute():
+    if isinstance(path, str) or path.exists() or path.is_absolute():
         return path
     parts = path.parts[1:] if path.parts and path.parts[0] == "configs" else path.parts
     shipped = CONFIG_DIR.joinpath(*parts) if parts else CONFIG_DIR
@@ -379,7 +393,7 @@ def split_command_options(argv: list[str], keys: tuple[str, ...]) -> tuple[dict[
 def load_config(args: list[str] | None = None, *, path: str | os.PathLike | None = None) -> Config:
     """Builds the Config from `[CONFIG.yaml] [key=value ...]` (CONFIG defaults to default.yaml)."""
     cli_path, overrides = parse_overrides(list(args or []))
-    config_path = _find_config(Path(path) if path is not None else (cli_path or DEFAULT_CONFIG))
+    config_path = _find_config(_as_path(path) if path is not None else (cli_path or DEFAULT_CONFIG))
     raw = _read_yaml(config_path)
     cfg = _build(Config, raw, "", f" in {config_path}")
     if overrides:

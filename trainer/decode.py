@@ -22,13 +22,13 @@ import dataclasses
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
+from trainer import storage
 from trainer.checkpoint import committed_steps, restore_items
 from trainer.config import Config, ConfigError, load_config, parse_overrides
 from trainer.data.vocab import EOS_ID
@@ -82,8 +82,8 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, Any]]:
     if not workdir:
         raise ConfigError("missing `workdir=RUN`: the training run whose checkpoint decodes")
     if path is None:
-        path = Path(str(workdir)) / "config.yaml"
-        if not path.is_file():
+        path = storage.join(str(workdir), "config.yaml")
+        if not storage.isfile(path):
             raise ConfigError(f"{path} not found: is workdir={workdir} a training run? (or pass its CONFIG.yaml)")
     if "checkpoint_step" in options:
         step = options["checkpoint_step"]
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, options = parse_args(argv)
-        directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
+        directory = storage.absolute(storage.join(cfg.workdir, "checkpoints"))
         steps = committed_steps(directory)
         if not steps:
             raise ConfigError(f"no checkpoints in {directory}: train the run first (python -m trainer.train ... "
@@ -119,16 +119,22 @@ def check_paths(options: dict[str, Any]) -> None:
     """`input=` must be a readable file (or `-`), `output=` a file path whose folder can be written."""
     source = str(options["input"])
     if source != "-":
-        if os.path.isdir(source):
+        storage.check(source)
+        if storage.isdir(source):
             raise ConfigError(f"input={source} is a directory; give a file with one source per line (or input=-)")
-        if not os.path.isfile(source):
+        if not storage.isfile(source):
             raise ConfigError(f"input={source}: file not found")
-        if not os.access(source, os.R_OK):
+        if not storage.is_remote(source) and not os.access(source, os.R_OK):
             raise ConfigError(f"input={source}: file is not readable")
     out = options.get("output")
     if out in (None, "", "-"):
         return
     out = str(out)
+    if storage.is_remote(out):
+        storage.check(out)
+        if out.endswith("/") or storage.isdir(out):
+            raise ConfigError(f"output={out} is a directory; give the path of the file to write")
+        return
     if os.path.isdir(out) or out.endswith(os.sep):
         raise ConfigError(f"output={out} is a directory; give the path of the file to write")
     reason = unwritable_reason(os.path.dirname(os.path.abspath(out)))
@@ -153,7 +159,7 @@ def decode(cfg: Config, options: dict[str, Any], directory: str, steps: list[int
 
     # Input: read and tokenize everything first (bad lines are reported before any compile).
     source = options["input"]
-    data = sys.stdin.buffer.read() if source == "-" else Path(str(source)).read_bytes()
+    data = sys.stdin.buffer.read() if source == "-" else storage.read_bytes(str(source))
     lines = read_lines(data)
     encoded: dict[int, np.ndarray] = {}
     for i, line in enumerate(lines):
@@ -175,7 +181,7 @@ def decode(cfg: Config, options: dict[str, Any], directory: str, steps: list[int
         spec = run.params_spec()
         restored, step = restore_items(directory, {"params": spec.restore_target()}, options.get("checkpoint_step"))
         params = restored["params"]
-        log(f"decoding with checkpoint step {step} ({os.path.join(directory, str(step))}); {cfg.decode.mode}, "
+        log(f"decoding with checkpoint step {step} ({storage.join(directory, str(step))}); {cfg.decode.mode}, "
             f"max_length {max_length}, batch {batch_size} on mesh {dict(run.mesh.shape)}")
         inputs_sharding = run.batch_sharding
         generate = jit_generate(spec.graphdef, cfg.decode, max_length=max_length,
@@ -220,16 +226,11 @@ def decode(cfg: Config, options: dict[str, Any], directory: str, steps: list[int
 
 
 def write_output(out: str, text: str) -> None:
-    """Writes `out` atomically (temporary file + rename); a failure leaves no temporary file behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.{os.getpid()}"
+    """Writes `out` atomically (a local temporary file + rename, or one object upload); a failure leaves
+    no temporary file behind."""
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
+        storage.write_text(out, text)
     except OSError as e:
-        if os.path.lexists(tmp):
-            os.remove(tmp)  # never leave a stray temporary file
         raise ConfigError(f"output={out}: cannot write it ({e.strerror or e})") from None
 
 

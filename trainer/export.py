@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from trainer.checkpoint import committed_steps, restore_items
+from trainer import storage
+from trainer.checkpoint import committed_steps, orbax_directory, restore_items, temporary_path_class
 from trainer.config import Config, ConfigError, dump_yaml, load_config, run_command, split_command_options
 from trainer.run import Run
 from trainer.workdir import unwritable_reason
@@ -48,8 +48,8 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
     workdir = next((a.partition("=")[2] for a in rest if a.startswith("workdir=")), None)
     if not workdir:
         raise ConfigError("missing `workdir=RUN`: the training run to export")
-    config_path = Path(workdir) / "config.yaml"
-    if not any("=" not in a for a in rest) and not config_path.is_file():
+    config_path = storage.join(workdir, "config.yaml")
+    if not any("=" not in a for a in rest) and not storage.isfile(config_path):
         raise ConfigError(f"{config_path} not found: is workdir={workdir} a training run?")
     cfg = load_config(rest, path=None if any("=" not in a for a in rest) else config_path)
     if options.get("dtype", "float32") not in ("float32", "bfloat16"):
@@ -65,7 +65,7 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
     if "checkpoint_step" in options and not options["checkpoint_step"].isdigit():
         raise ConfigError(f"checkpoint_step must be a step number, got {options['checkpoint_step']!r}")
     # Everything that can be checked without devices, so a mistake never costs a restore.
-    directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
+    directory = storage.absolute(storage.join(cfg.workdir, "checkpoints"))
     steps = committed_steps(directory)
     if not steps:
         raise ConfigError(f"no checkpoints in {directory}: train the run first (checkpoint.save_final=true "
@@ -75,9 +75,9 @@ def parse_args(argv: list[str]) -> tuple[Any, dict[str, str]]:
                           f"(steps: {', '.join(map(str, steps))})")
     output = options.get("output")
     if output:
-        if os.path.exists(output):
+        if _exists(output):
             raise ConfigError(f"output={output} already exists; choose another folder (nothing is overwritten)")
-        reason = unwritable_reason(output)
+        reason = None if storage.is_remote(output) else unwritable_reason(output)
         if reason is not None:
             raise ConfigError(f"output={output}: {reason}")
     elif options.get("output") is not None:
@@ -106,7 +106,7 @@ def export(cfg: Config, options: dict[str, str]) -> str:
     if cfg.model.vocab_size is None:  # a config that leaves it to the tokenizer: ask the (cached) tokenizer
         run, _ = run.with_run_tokenizer()
     cfg, model_cfg = run.cfg, run.model_cfg
-    directory = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
+    directory = storage.absolute(storage.join(cfg.workdir, "checkpoints"))
     step = int(options["checkpoint_step"]) if "checkpoint_step" in options else None
     with run.context():
         restored, step = restore_items(directory, {"params": run.params_spec().restore_target()}, step)
@@ -114,37 +114,42 @@ def export(cfg: Config, options: dict[str, str]) -> str:
     params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                           restored["params"])
 
-    output = os.path.abspath(options.get("output") or os.path.join(cfg.workdir, "export", f"step_{step}"))
-    if os.path.exists(output):
+    output = storage.absolute(options.get("output") or storage.join(cfg.workdir, "export", f"step_{step}"))
+    if _exists(output):
         raise ConfigError(f"output={output} already exists; choose another folder (nothing is overwritten)")
-    os.makedirs(output)
+    storage.makedirs(output)
     if options.get("format") == "hf":
         write_hf(cfg, params, output, options.get("max_shard_bytes", 5 * 10**9))
         if jax.process_index() == 0:
             print(f"exported the parameters of step {step} ({dtype}) in the Hugging Face T5 format to {output}",
                   flush=True)
         return output
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.join(output, "params"), params)
+    with ocp.StandardCheckpointer(temporary_path_class=temporary_path_class(output)) as checkpointer:
+        checkpointer.save(orbax_directory(storage.join(output, "params")), params)
     if jax.process_index() == 0:
         model = {**dataclasses.asdict(cfg.model), "padded_vocab_size": model_cfg.padded_vocab_size,
-                 "param_dtype": str(dtype), "exported_from": os.path.join(directory, str(step))}
-        Path(output, "model.json").write_text(json.dumps(model, indent=2) + "\n")
-        Path(output, "config.yaml").write_text(dump_yaml(cfg))
+                 "param_dtype": str(dtype), "exported_from": storage.join(directory, str(step))}
+        storage.write_text(storage.join(output, "model.json"), json.dumps(model, indent=2) + "\n")
+        storage.write_text(storage.join(output, "config.yaml"), dump_yaml(cfg))
         print(f"exported the parameters of step {step} ({dtype}) to {output}", flush=True)
     return output
 
 
 def write_hf(cfg: Config, params: Any, output: str, max_shard_bytes: int) -> None:
     """config.json, the safetensors weights (every process gathers, process 0 writes), tokenizer files."""
-    from trainer.hf_config import hf_config
     from trainer.hf_weights import hf_tensors, write_safetensors
 
     rows = cfg.model.padded_vocab_size
     write = jax.process_index() == 0
-    write_safetensors(hf_tensors(params, cfg.model, rows), output, max_shard_bytes=max_shard_bytes, write=write)
-    if not write:
-        return
+    with storage.staged_dir(output) as local:  # safetensors writes local files: uploaded for a URL
+        write_safetensors(hf_tensors(params, cfg.model, rows), local, max_shard_bytes=max_shard_bytes, write=write)
+        if write:
+            _write_hf_files(cfg, rows, local)
+
+
+def _write_hf_files(cfg: Config, rows: int, output: str) -> None:
+    from trainer.hf_config import hf_config
+
     Path(output, "config.json").write_text(json.dumps(hf_config(cfg.model, rows), indent=2) + "\n")
     Path(output, "generation_config.json").write_text(json.dumps(
         {"decoder_start_token_id": 0, "eos_token_id": 1, "pad_token_id": 0}, indent=2) + "\n")
@@ -152,11 +157,15 @@ def write_hf(cfg: Config, params: Any, output: str, max_shard_bytes: int) -> Non
         Path(output, "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "ByT5Tokenizer", "extra_ids": cfg.data.num_sentinels}, indent=2) + "\n")
     spm = cfg.data.tokenizer_path if cfg.data.tokenizer == "sentencepiece" else None
-    if spm and os.path.isfile(spm) and cfg.data.source != "synthetic":
-        shutil.copyfile(spm, os.path.join(output, "spiece.model"))
+    if spm and storage.isfile(spm) and cfg.data.source != "synthetic":
+        storage.copy_file(spm, os.path.join(output, "spiece.model"))
         Path(output, "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "T5Tokenizer", "extra_ids": cfg.data.num_sentinels, "eos_token": "</s>",
              "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2) + "\n")
+
+
+def _exists(path: str) -> bool:
+    return storage.exists(path) or (storage.is_remote(path) and storage.isdir(path))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,13 +23,13 @@ the time between launches (the job was down).
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import re
 import sys
 import time
 from typing import Any
+
+from trainer import storage
 
 CATEGORIES = ("init", "checkpoint", "compile", "train", "recompute", "data_wait", "eval", "shutdown")
 
@@ -39,7 +39,7 @@ class GoodputClock:
 
     def __init__(self, workdir: str, *, enabled: bool):
         self.enabled = enabled
-        self.directory = os.path.join(workdir, "goodput")
+        self.directory = storage.join(workdir, "goodput")
         self.seconds = dict.fromkeys(CATEGORIES, 0.0)
         self.state = "init"
         self._since = time.monotonic()  # created as `trainer.train.train` starts
@@ -88,9 +88,9 @@ class GoodputClock:
     def open_launch(self) -> int | None:
         """Numbers this launch after the workdir's earlier ones; returns the last step the previous
         launch completed (None on the first launch)."""
-        previous = read_launches(os.path.dirname(self.directory))
+        previous = read_launches(storage.dirname(self.directory))
         self.launch = len(previous)
-        self._path = os.path.join(self.directory, f"launch-{self.launch}.json")
+        self._path = storage.join(self.directory, f"launch-{self.launch}.json")
         return previous[-1].get("last_step") if previous else None
 
     @property
@@ -101,17 +101,13 @@ class GoodputClock:
     def save(self) -> None:
         if not self.enabled or self._path is None or not self.started:
             return
-        os.makedirs(self.directory, exist_ok=True)
         totals = self.totals()
         wall = sum(totals.values())
         account = {"launch": self.launch, "started_at": self.started_at, "updated_at": time.time(),
                    "status": self.status, "start_step": self.start_step, "last_step": self.last_step,
                    "recomputed_steps": self.recomputed_steps, "seconds": totals, "wall_s": wall,
                    "goodput": totals["train"] / wall if wall > 0 else 0.0}
-        tmp = f"{self._path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(account, f, indent=1)
-        os.replace(tmp, self._path)
+        storage.write_text(self._path, json.dumps(account, indent=1))
 
     def summary(self) -> str:
         totals = self.totals()
@@ -125,14 +121,14 @@ def read_launches(workdir: str) -> list[dict[str, Any]]:
     """Every launch's account in the workdir, in launch order (unreadable files skipped)."""
     out = []
     numbered = []
-    for path in glob.glob(os.path.join(workdir, "goodput", "launch-*.json")):
-        match = re.fullmatch(r"launch-(\d+)\.json", os.path.basename(path))
+    directory = storage.join(workdir, "goodput")
+    for name in storage.listdir(directory):
+        match = re.fullmatch(r"launch-(\d+)\.json", name)
         if match:
-            numbered.append((int(match.group(1)), path))
+            numbered.append((int(match.group(1)), storage.join(directory, name)))
     for _, path in sorted(numbered):
         try:
-            with open(path, encoding="utf-8") as f:
-                out.append(json.load(f))
+            out.append(json.loads(storage.read_text(path)))
         except (OSError, ValueError):
             continue
     return out
@@ -142,16 +138,16 @@ def last_logged_step(metrics_path: str) -> int | None:
     """The last train step metrics.jsonl holds (read before a resume drops the steps it redoes)."""
     last = None
     try:
-        with open(metrics_path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get("split") == "train" and isinstance(record.get("step"), int):
-                    last = max(last or 0, record["step"])
+        text = storage.read_text(metrics_path)
     except OSError:
         return None
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("split") == "train" and isinstance(record.get("step"), int):
+            last = max(last or 0, record["step"])
     return last
 
 
@@ -159,7 +155,7 @@ def report(workdir: str) -> str:
     """The whole run's account: one line per launch, the time between launches, the totals."""
     launches = read_launches(workdir)
     if not launches:
-        raise FileNotFoundError(f"{os.path.join(workdir, 'goodput')}: no launch accounts (is this a training run?)")
+        raise FileNotFoundError(f"{storage.join(workdir, 'goodput')}: no launch accounts (is this a training run?)")
     lines = [f"{'launch':>6} {'steps':>13} {'wall':>9} {'goodput':>8}  " + " ".join(f"{c:>10}" for c in CATEGORIES)
              + "  status"]
     totals = dict.fromkeys(CATEGORIES, 0.0)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import jax
 
 from model import ModelConfig
+from trainer import storage
 from trainer.config import Config, ConfigError, dump_yaml, load_config, run_command
 from trainer.hf_config import model_options, read_hf_config
 from trainer.hf_weights import WeightFiles, load_params
@@ -101,8 +101,8 @@ def import_config(path: Path, out: str, args: list[str]) -> tuple[Config, int]:
             raise ConfigError(f"{spiece}: {e}") from None
         model = dataclasses.replace(model, vocab_size=tokenizer.vocab_size,
                                     vocab_multiple=_vocab_multiple(tokenizer.vocab_size, rows, str(path)))
-        data = dataclasses.replace(data, tokenizer="sentencepiece", tokenizer_path=os.path.join(
-            os.path.abspath(out), SPIECE), vocab_size=tokenizer.vocab_size, num_sentinels=sentinels)
+        data = dataclasses.replace(data, tokenizer="sentencepiece", tokenizer_path=storage.join(
+            storage.absolute(out), SPIECE), vocab_size=tokenizer.vocab_size, num_sentinels=sentinels)
     elif _tokenizer_class(path) == "ByT5Tokenizer":  # bytes in ByT5's id layout, no model file
         from trainer.data.vocab import ByteTokenizer
 
@@ -141,7 +141,7 @@ def check_model_matches(path: Path, model: ModelConfig) -> int:
 
 def load_hf_params(path: str | Path, target: Any, model: ModelConfig) -> Any:
     """The checkpoint's parameters on `target`'s shardings (ShapeDtypeStructs), read shard by shard."""
-    path = Path(path)
+    path = Path(storage.local_tree(os.fspath(path)))  # a bucket's checkpoint: read from a local copy
     check_model_matches(path, model)
     return load_params(WeightFiles(path), target, model)
 
@@ -155,24 +155,27 @@ def parse_args(argv: list[str]) -> tuple[Path, str, list[str]]:
         elif arg.startswith("--out="):
             out = arg.partition("=")[2]
         elif path is None and "=" not in arg and not arg.endswith((".yaml", ".yml")):
-            path = Path(arg)
+            path = arg
         else:
             rest.append(arg)
     if path is None:
         raise ConfigError("missing PATH: a local Hugging Face checkpoint directory (config.json + weights)")
     if not out:
         raise ConfigError("missing `--out RUN`: the run directory to create")
-    if not path.is_dir():
-        raise ConfigError(f"{path}: not a directory (a local Hugging Face checkpoint; nothing is downloaded)")
+    storage.check(path)
+    storage.check(out)
+    if not storage.isdir(path):
+        raise ConfigError(f"{path}: not a directory (a Hugging Face checkpoint folder, local or in a bucket; "
+                          f"nothing is downloaded from the Hub)")
     if any(a.startswith("workdir=") for a in rest):
         raise ConfigError("workdir= is set by --out RUN; leave it out")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    if storage.isfile(out) or storage.listdir(out):
         raise ConfigError(f"--out {out} already exists and is not empty; choose another folder (nothing is "
                           "overwritten)")
-    reason = unwritable_reason(out)
+    reason = None if storage.is_remote(out) else unwritable_reason(out)
     if reason is not None:
         raise ConfigError(f"--out {out}: {reason}")
-    return path, out, rest
+    return Path(storage.local_tree(path)), out, rest
 
 
 def import_checkpoint(path: Path, out: str, args: list[str]) -> Config:
@@ -185,14 +188,14 @@ def import_checkpoint(path: Path, out: str, args: list[str]) -> Config:
     with run.context():
         spec = run.params_spec()
         params = load_params(files, spec.restore_target(), run.model_cfg)
-        os.makedirs(out, exist_ok=True)
+        storage.makedirs(out)
         if jax.process_index() == 0 and (path / SPIECE).is_file():
-            shutil.copyfile(path / SPIECE, Path(out) / SPIECE)
-        save_params_checkpoint(os.path.join(out, "checkpoints"), 0, params, cfg)
+            storage.copy_file(str(path / SPIECE), storage.join(out, SPIECE))
+        save_params_checkpoint(storage.join(out, "checkpoints"), 0, params, cfg)
     if jax.process_index() == 0:
-        Path(out, "config.yaml").write_text(dump_yaml(cfg))
+        storage.write_text(storage.join(out, "config.yaml"), dump_yaml(cfg))
         print(f"imported {path} ({cfg.model.encoder_layers}+{cfg.model.decoder_layers} layers, d_model "
-              f"{cfg.model.d_model}, {rows} vocabulary rows) to {os.path.abspath(out)}", flush=True)
+              f"{cfg.model.d_model}, {rows} vocabulary rows) to {storage.absolute(out)}", flush=True)
     return cfg
 
 

@@ -2,16 +2,22 @@
 
 Only process 0 writes; other processes get a writer that drops everything, so call sites stay
 free of `if process_index == 0` branches.
+
+On object storage (a gs:// or s3:// workdir), where nothing can be appended to, metrics.jsonl is
+kept in memory and rewritten whole at each write (once per log interval), and TensorBoard's event
+files are rewritten whole at each of its flushes: readers always see a complete file, the same
+format as on a disk.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
+
+from trainer import storage
 
 # metrics.jsonl key -> TensorBoard scalar name (MaxText's spellings).
 TRAIN_SCALARS = {
@@ -46,15 +52,17 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        storage.makedirs(workdir)
+        self.jsonl_path = storage.join(workdir, "metrics.jsonl")
+        self.tensorboard_dir = storage.join(workdir, "tensorboard")
         repair_jsonl(self.jsonl_path, resume_step)
-        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        self._jsonl = open(self.jsonl_path, "a", encoding="utf-8") if not storage.is_remote(workdir) \
+            else _RewrittenFile(self.jsonl_path)
         from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
 
+        _register_object_storage_writers()
         # TensorBoard likewise hides the events of steps after the resume point.
-        purge = resume_step + 1 if resume_step is not None and os.path.isdir(self.tensorboard_dir) else None
+        purge = resume_step + 1 if resume_step is not None and storage.isdir(self.tensorboard_dir) else None
         self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=10, purge_step=purge)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -94,8 +102,7 @@ def repair_jsonl(path: str, resume_step: int | None = None) -> int:
     JSON are kept as they are. The file is rewritten atomically (temporary file + rename).
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = storage.read_bytes(path)
     except FileNotFoundError:
         return 0
     lines = data.split(b"\n")
@@ -113,13 +120,57 @@ def repair_jsonl(path: str, resume_step: int | None = None) -> int:
         kept.append(line)
     dropped = len(lines) - len(kept) + (1 if partial else 0)
     if dropped:
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(b"".join(line + b"\n" for line in kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        storage.write_bytes(path, b"".join(line + b"\n" for line in kept))
     return dropped
+
+
+class _RewrittenFile:
+    """An append-only text file on object storage: the whole contents, rewritten at each flush."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._data = bytearray(storage.read_bytes(path))
+        except FileNotFoundError:
+            self._data = bytearray()
+        self._dirty = False
+
+    def write(self, text: str) -> None:
+        self._data += text.encode("utf-8")
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            storage.write_bytes(self.path, bytes(self._data))
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EventFileWriter(_RewrittenFile):
+    """tensorboardX's record-writer interface for an event file on object storage."""
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]  (event records are bytes)
+        self._data += data
+        self._dirty = True
+
+
+class _EventFileFactory:
+    def open(self, path: str) -> _EventFileWriter:
+        return _EventFileWriter(path)
+
+    def directory_check(self, path: str) -> None:
+        storage.check(path)
+
+
+def _register_object_storage_writers() -> None:
+    """TensorBoard event files on gs:// and s3:// through this project's path layer (one set of
+    clients and endpoints), in place of tensorboardX's own boto3 / google-cloud-storage writers."""
+    from tensorboardX import record_writer
+
+    for scheme in storage.SCHEMES:
+        record_writer.register_writer_factory(scheme, _EventFileFactory())
 
 
 def format_duration(seconds: float) -> str:

@@ -16,6 +16,10 @@ parallel worker processes, and writes to DIR:
 Then train with `data.source=arrayrecord data.path=DIR`. Records are a small
 binary format (trainer.data.sources.encode_record), never pickles.
 
+DIR (and the data it reads) may be a gs://bucket/... or s3://bucket/... URL: the shards are
+written to a local temporary folder, uploaded, and the manifest uploaded last, so an output
+whose upload was cut short has no manifest and is never taken for a finished one.
+
 Exit codes: 0 on success, 2 for a user error (one line on stderr, nothing written).
 """
 
@@ -93,20 +97,28 @@ class _ShardWriter:
 def prepare(
     cfg: DataConfig, out: str, *, workers: int = 2, records_per_shard: int = 100_000, progress: bool = True
 ) -> dict:
-    """Writes shards + manifest into `out` (must not hold a manifest yet); returns the manifest."""
+    """Writes shards + manifest into `out` (local or a gs:// / s3:// URL; must not hold a manifest
+    yet); returns the manifest."""
     from tqdm import tqdm
+
+    from trainer import storage
 
     cfg.validate()
     if cfg.source not in ("embedded", "tsv", "jsonl"):
         raise ValueError(f"data.source: prepare reads embedded, tsv or jsonl, not {cfg.source!r}")
-    if os.path.exists(os.path.join(out, S.MANIFEST)):
+    remote = storage.is_remote(out)
+    storage.check(out)
+    if storage.exists(storage.join(out, S.MANIFEST)):
         raise FileExistsError(f"--out: {out} already holds a {S.MANIFEST}; choose a new directory")
     S.check(cfg)
     t0 = time.time()
     source = S.make_source(cfg, vocab_size=None)
     tok = source.tokenizer
-    os.makedirs(out, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out, prefix=".prepare-")
+    if remote:  # written locally, uploaded at the end (ArrayRecord writers take local paths)
+        tmp = tempfile.mkdtemp(prefix="seq2seq-prepare-")
+    else:
+        os.makedirs(out, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=out, prefix=".prepare-")
     manifest: dict = {
         "format": "seq2seq-arrayrecord-v1",
         "source": cfg.source,
@@ -117,11 +129,11 @@ def prepare(
     }
     try:
         if tok.kind == "sentencepiece":
-            shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.model"))
+            storage.copy_file(tok.path, os.path.join(tmp, "tokenizer.model"))  # tok.path may be a URL
             manifest["tokenizer"] = {
                 "kind": "sentencepiece",
                 "file": "tokenizer.model",
-                "trained_from": os.path.abspath(tok.path),
+                "trained_from": storage.absolute(tok.path),
             }
         else:
             manifest["tokenizer"] = {"kind": tok.kind}  # bytes | byt5
@@ -177,13 +189,18 @@ def prepare(
                 manifest["splits"][split] = {"records": w.count, "shards": w.names}
                 manifest["lengths_histogram"][split] = {"inputs": _histogram(hist_i), "targets": _histogram(hist_t)}
         manifest["seconds"] = round(time.time() - t0, 2)
-        # Commit: shards and tokenizer first, the manifest last (atomic rename).
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
-        mtmp = os.path.join(out, f".{S.MANIFEST}.tmp")
-        with open(mtmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(mtmp, os.path.join(out, S.MANIFEST))
+        # Commit: shards and tokenizer first, the manifest last (atomic rename; on object storage
+        # an upload of each file, then the manifest's, which appears whole or not at all).
+        if remote:
+            storage.copy_tree(tmp, out)
+            storage.write_text(storage.join(out, S.MANIFEST), json.dumps(manifest, indent=1))
+        else:
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            mtmp = os.path.join(out, f".{S.MANIFEST}.tmp")
+            with open(mtmp, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=1)
+            os.replace(mtmp, os.path.join(out, S.MANIFEST))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -197,7 +214,15 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def check_out(out: str) -> None:
-    """`--out` must be a directory (new or existing) that can be written; nothing is created here."""
+    """`--out` must be a directory (new or existing) that can be written; nothing is created here.
+    A gs:// / s3:// URL needs its client package and must not name an existing object."""
+    from trainer import storage
+
+    if storage.is_remote(out):
+        storage.check(out)
+        if storage.isfile(out):
+            raise ValueError(f"--out: {out} is a file, not a directory")
+        return
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out: {out} is a file, not a directory")
     reason = unwritable_reason(out)

@@ -9,9 +9,12 @@ device work whole.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import jax
 
+from trainer import storage
 from trainer.config import profile_range
 
 
@@ -21,13 +24,17 @@ class StepProfiler:
         enabled = span is not None and (all_processes or jax.process_index() == 0)
         self._span = span if enabled else None
         self._logdir = logdir
+        self._staging: str | None = None  # the local folder a trace for object storage is written to
         self._active = False
 
     def before_step(self, step: int) -> None:
         """Called with the number of the step about to be dispatched (1-based)."""
         if self._span and step == self._span[0] and not self._active:
-            os.makedirs(self._logdir, exist_ok=True)
-            jax.profiler.start_trace(self._logdir)
+            target = self._logdir
+            if storage.is_remote(target):  # the profiler writes local files: uploaded when it stops
+                self._staging = target = tempfile.mkdtemp(prefix="seq2seq-trace-")
+            os.makedirs(target, exist_ok=True)
+            jax.profiler.start_trace(target)
             self._active = True
 
     def after_step(self, step: int) -> None:
@@ -39,3 +46,7 @@ class StepProfiler:
         if self._active:
             jax.profiler.stop_trace()
             self._active = False
+            if self._staging is not None:
+                storage.copy_tree(self._staging, self._logdir)
+                shutil.rmtree(self._staging, ignore_errors=True)
+                self._staging = None

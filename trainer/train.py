@@ -20,6 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from trainer import checkpoint as ckpt
+from trainer import storage
 from trainer.config import Config, ConfigError, dump_yaml, load_config
 from trainer.data.pipeline import derive_stats
 from trainer.data.stream import DataError
@@ -79,7 +80,7 @@ def disk_full_message(error: BaseException, workdir: str) -> str | None:
             except OSError:
                 free = "free space unknown"
             return (f"no space left on device writing {path} ({free} on that file system); free some space "
-                    f"and rerun: training resumes from the last checkpoint in {os.path.abspath(workdir)}")
+                    f"and rerun: training resumes from the last checkpoint in {storage.absolute(workdir)}")
         e = e.__cause__ or e.__context__
     return None
 
@@ -112,7 +113,7 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack,
     # The goodput account closes last (after the final save's wait): `shutdown` covers that wait.
     cleanup.push(lambda exc_type, *_: _close_clock(clock, console, exc_type))
     previous_last_step = clock.open_launch()  # before the metrics writer drops the steps a resume redoes
-    logged = last_logged_step(os.path.join(cfg.workdir, "metrics.jsonl"))
+    logged = last_logged_step(storage.join(cfg.workdir, "metrics.jsonl"))
     if logged is not None:
         previous_last_step = max(previous_last_step or 0, logged)
     run.check_train_batch()
@@ -145,10 +146,9 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack,
             except DataError as e:
                 raise ConfigError(f"{manager.directory}: {e}") from None
         if is_main:
-            os.makedirs(cfg.workdir, exist_ok=True)
             # As run: with the tokenizer the pipeline resolved (trained or cached) filled in.
-            _write_atomic(os.path.join(cfg.workdir, "config.yaml"),
-                          dump_yaml(dataclasses.replace(cfg, data=train_data.data_config)))
+            storage.write_text(storage.join(cfg.workdir, "config.yaml"),
+                               dump_yaml(dataclasses.replace(cfg, data=train_data.data_config)))
         start_step = int(jax.device_get(state["step"]))
         clock.resumed(start_step, previous_last_step)
         console.log(f"model: {count_params(state['params']) / 1e6:.2f}M parameters "
@@ -166,8 +166,8 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack,
         writer = MetricsWriter(cfg.workdir, enabled=is_main, resume_step=start_step)
         cleanup.callback(writer.close)
         if is_main:
-            console.log(f"workdir: {os.path.abspath(cfg.workdir)}\n"
-                        f"tensorboard: tensorboard --logdir {os.path.abspath(writer.tensorboard_dir)} --host localhost")
+            console.log(f"workdir: {storage.absolute(cfg.workdir)}\n"
+                        f"tensorboard: tensorboard --logdir {storage.absolute(writer.tensorboard_dir)} --host localhost")
 
         # Generation metrics on a fixed sample of eval examples (decode.eval_samples > 0).
         gen_eval = None
@@ -208,7 +208,7 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack,
         cleanup.callback(stop.close)
         watchdog = HangWatchdog(cfg.workdir, jax.process_index(), cfg.train.hang_timeout)
         cleanup.callback(watchdog.close)
-        profiler = StepProfiler(cfg.train.profile_steps, os.path.join(cfg.workdir, "tensorboard"),
+        profiler = StepProfiler(cfg.train.profile_steps, storage.join(cfg.workdir, "tensorboard"),
                                 all_processes=cfg.train.profile_all_processes)
         cleanup.callback(profiler.stop)
         last: dict[str, Any] = {}
@@ -309,7 +309,7 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack,
                 console.log(f"preempted: saved a checkpoint at step {step} in {manager.directory}; exiting")
                 return last
         clock.status = "finished"
-        console.log(f"done: {step} steps; outputs in {os.path.abspath(cfg.workdir)}")
+        console.log(f"done: {step} steps; outputs in {storage.absolute(cfg.workdir)}")
         return last
 
 
@@ -362,13 +362,6 @@ class _StepTimer:
         self._start, self._steps = time.perf_counter(), 0
         return self._last_mean
 
-
-def _write_atomic(path: str, text: str) -> None:
-    """Writes via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ import faulthandler
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
+from trainer import storage
 from trainer.lifecycle import distributed_client
 
 EXIT_HANG = 7  # no step completed within train.hang_timeout (see README); restart from the last checkpoint
@@ -36,7 +38,7 @@ class HangWatchdog:
     """Ends the process with EXIT_HANG when `progress()` is not called for the timeout."""
 
     def __init__(self, workdir: str, process_index: int, timeout_s: float | None, *, poll_s: float = 1.0):
-        self._path = os.path.join(workdir, "hang", f"{process_index}.txt")
+        self._path = storage.join(workdir, "hang", f"{process_index}.txt")
         self._fixed = timeout_s
         self._poll = poll_s
         self._lock = threading.Lock()
@@ -104,11 +106,12 @@ class HangWatchdog:
         header = (f"hang: {reason}; every thread's stack follows; exiting with code {EXIT_HANG} so the job "
                   f"restarts from its last checkpoint\n")
         try:
-            os.makedirs(os.path.dirname(self._path), exist_ok=True)
-            with open(self._path, "w", encoding="utf-8") as f:
-                f.write(header)
+            with tempfile.TemporaryFile("w+b") as f:  # faulthandler needs a real file; the workdir may be a bucket
+                f.write(header.encode())
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
+                f.seek(0)
+                storage.write_bytes(self._path, f.read())
         except OSError as e:
             header += f"(could not write {self._path}: {e})\n"
         try:

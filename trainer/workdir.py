@@ -13,6 +13,10 @@ config error instead of the others hanging in their first collective.
 
 A run that ends releases the lock and removes the lock file (and the workdir itself when it was
 created for the lock and is still empty, so a refused or misconfigured run leaves nothing behind).
+
+A workdir on object storage (`gs://bucket/...`, `s3://bucket/...`) has no file locks; there the
+lock is the object `WORKDIR/.lock`, taken with a conditional create and kept alive by a lease (see
+`trainer.object_lock`). Nothing there is a folder: no folders are created or removed for it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import socket
 import sys
 from typing import Any
 
+from trainer import storage
 from trainer.config import ConfigError
 
 LOCK_NAME = ".lock"
@@ -36,19 +41,35 @@ class WorkdirBusy(ConfigError):
 
 
 class WorkdirLock:
-    """`acquire()` takes `WORKDIR/.lock` (or raises WorkdirBusy naming the holder); `release()` frees it."""
+    """`acquire()` takes `WORKDIR/.lock` (or raises WorkdirBusy naming the holder); `release()` frees it.
 
-    def __init__(self, workdir: str):
-        self.workdir = os.path.abspath(workdir)
-        self.path = os.path.join(self.workdir, LOCK_NAME)
+    `lease_s` only matters for a workdir on object storage (see `trainer.object_lock`).
+    """
+
+    def __init__(self, workdir: str, lease_s: float | None = None):
+        self._object: Any = None  # trainer.object_lock.ObjectLock on a bucket
+        if storage.is_remote(workdir):
+            self.workdir = storage.absolute(workdir)
+            self.path = storage.join(self.workdir, LOCK_NAME)
+            from trainer.object_lock import LEASE_S, ObjectLock
+
+            self._object = ObjectLock(self.workdir, self.path, LEASE_S if lease_s is None else lease_s)
+        else:
+            self.workdir = os.path.abspath(workdir)
+            self.path = os.path.join(self.workdir, LOCK_NAME)
         self._fd: int | None = None
         self._created: list[str] = []  # folders created for the lock, outermost first
 
     @property
     def held(self) -> bool:
+        if self._object is not None:
+            return self._object.held
         return self._fd is not None
 
     def acquire(self) -> None:
+        if self._object is not None:
+            self._object.acquire()
+            return
         if self._fd is not None:
             return
         self._make_workdir()
@@ -58,17 +79,17 @@ class WorkdirLock:
             self._remove_created()
             raise
         self._fd = fd
-        info = {"host": socket.gethostname(), "pid": os.getpid(),
-                "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:500]}
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+            os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
         except OSError:
             self.release()
             raise
 
     def release(self) -> None:
+        if self._object is not None:
+            self._object.release()
+            return
         fd, self._fd = self._fd, None
         if fd is None:
             return
@@ -137,6 +158,13 @@ class WorkdirLock:
         raise OSError(f"could not lock {self.path}: the file keeps being replaced")
 
 
+def holder_info() -> dict[str, Any]:
+    """Who holds a lock: what a refused run prints."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:500]}
+
+
 def busy_message(workdir: str, path: str, holder: str) -> str:
     try:
         info = json.loads(holder)
@@ -173,7 +201,14 @@ def existing_ancestor(path: str) -> str:
 
 def unwritable_reason(path: str) -> str | None:
     """Why files or folders cannot be created at `path` (None when they can), checked on the
-    nearest existing ancestor without creating anything."""
+    nearest existing ancestor without creating anything.
+
+    For a gs:// or s3:// URL: a StorageError (a ConfigError) when this install has no client for it,
+    and the reason when its bucket does not exist (buckets are never created here)."""
+    if storage.is_remote(path):
+        from trainer.object_lock import bucket_missing
+
+        return bucket_missing(os.fspath(path))
     probe = existing_ancestor(path)
     if not os.path.isdir(probe):
         return f"{probe} is {'a file' if os.path.exists(probe) else 'not a directory'}, not a directory"
@@ -191,7 +226,7 @@ def check_workdir(workdir: str) -> None:
         raise ConfigError(f"config key `workdir` is {workdir!r}, but {reason}")
 
 
-def lock_workdir(workdir: str) -> WorkdirLock | None:
+def lock_workdir(workdir: str, lease_s: float | None = None) -> WorkdirLock | None:
     """Process 0 takes the workdir lock; every process raises the same ConfigError when it cannot.
 
     Returns the held lock on process 0 (release it when the run ends), None on the others.
@@ -202,7 +237,7 @@ def lock_workdir(workdir: str) -> WorkdirLock | None:
     lock = None
     error: BaseException | None = None
     if jax.process_index() == 0:
-        lock = WorkdirLock(workdir)
+        lock = WorkdirLock(workdir, lease_s)
         try:
             lock.acquire()
         except Exception as e:  # noqa: BLE001 - shared with the other processes below, then re-raised

@@ -51,9 +51,10 @@ class DataConfig:
     # Several sources mixed by weight: a list of {source, path, weight, ...} entries, each
     # overriding the keys in MIXTURE_KEYS for its source. Unset: `source` alone.
     mixture: list[dict[str, Any]] | None = None
-    # File sources: a file, a glob, or a comma-separated list of files/globs.
+    # File sources: a file, a glob, or a comma-separated list of files/globs, each local or a
+    # gs://bucket/... or s3://bucket/... URL (remote files read at random are cached locally).
     # For `arrayrecord`: the directory written by `python -m trainer.prepare`
-    # (or its manifest.json).
+    # (or its manifest.json), local or a URL.
     path: str | None = None
     # Optional held-out files for tsv/jsonl (same syntax as `path`); when unset,
     # a deterministic `eval_fraction` of the lines/documents is held out.
@@ -63,9 +64,10 @@ class DataConfig:
 
     # Tokenizer (not used by `synthetic`, which emits ids below model.vocab_size).
     tokenizer: str = "sentencepiece"  # sentencepiece | bytes | byt5 (ByT5's byte ids: bytes from 3)
-    # SentencePiece model file. Unset: trained on first use on the source text
-    # and cached (next to the data when writable, else in `cache_dir`); the
-    # pipeline reports the resolved path so the run's config records it.
+    # SentencePiece model file (local or a gs:// / s3:// URL; trained and uploaded there when
+    # missing). Unset: trained on first use on the source text and cached (next to local data
+    # when writable, else in the local `cache_dir`); the pipeline reports the resolved path so
+    # the run's config records it.
     tokenizer_path: str | None = None
     spm_model_type: str = "unigram"  # unigram | bpe
     # Total vocabulary of the tokenizer (SentencePiece pieces + sentinels); the

@@ -191,7 +191,9 @@ class Pipeline:
         if tok is not None and tok.path and "arrayrecord" not in {c.source for _, _, c in cfg.sources()}:
             import dataclasses
 
-            self.data_config = dataclasses.replace(cfg, tokenizer_path=os.path.abspath(tok.path))
+            from trainer import storage  # local absolute path, or the gs:// / s3:// URL as it is
+
+            self.data_config = dataclasses.replace(cfg, tokenizer_path=storage.absolute(tok.path))
         if process_index == 0 and split == "train":
             for source in self.sources:
                 for line in source.summary() if hasattr(source, "summary") else []:

@@ -1,4 +1,15 @@
-"""Data sources: records per split, and how a record becomes an (inputs, targets) example."""
+"""Data sources: records per split, and how a record becomes an (inputs, targets) example.
+
+Every data path (`data.path`, `data.eval_path`, `data.tokenizer_path`, a prepared dataset) may be
+local or a gs:// / s3:// URL; all file access goes through `trainer.storage` (imported in the
+functions that use it: importing it here would be circular, trainer.storage -> trainer.config ->
+trainer.data). Local paths keep plain `os` calls (os.pread for random access).
+
+Remote files that are read at random (TSV/JSONL lines, ArrayRecord shards) are read from a local
+copy (`storage.local_copy`: downloaded once per machine and object version, then cached): a
+ranged GET per record would be far too slow for a shuffled pipeline, and array_record's readers
+open local files only (their Python API takes paths, not file objects).
+"""
 
 from __future__ import annotations
 
@@ -129,7 +140,11 @@ def _fingerprint(parts) -> str:
 
 
 def _writable_dir(d: str) -> bool:
-    return os.path.isdir(d) and os.access(d, os.W_OK)
+    """A local folder this process may write (a URL never is: trained tokenizers of remote data are
+    cached locally unless `data.tokenizer_path` names where they go)."""
+    from trainer import storage
+
+    return not storage.is_remote(d) and os.path.isdir(d) and os.access(d, os.W_OK)
 
 
 def spm_size_error(cfg: DataConfig, message: str) -> str:
@@ -178,9 +193,11 @@ def resolve_tokenizer(
     to the data (`data_dir`) when writable, else `cache_dir`. The file name carries a
     hash of the corpus fingerprint and the settings, so a changed corpus retrains.
     """
+    from trainer import storage
+
     if cfg.tokenizer in BYTE_LAYOUTS:
         return ByteTokenizer(cfg.num_sentinels, cfg.tokenizer)
-    if cfg.tokenizer_path and os.path.exists(cfg.tokenizer_path):
+    if cfg.tokenizer_path and storage.exists(cfg.tokenizer_path):
         path = cfg.tokenizer_path
     else:
         if cfg.tokenizer_path:
@@ -189,7 +206,7 @@ def resolve_tokenizer(
             name = spm_cache_name(fingerprint, cfg.vocab_size, cfg.num_sentinels, cfg.spm_model_type)
             d = data_dir if data_dir and _writable_dir(data_dir) else default_cache_dir(cfg.cache_dir)
             path = os.path.join(d, name)
-        if not os.path.exists(path):
+        if not storage.exists(path):
             print(
                 f"[data] training a SentencePiece {cfg.spm_model_type} tokenizer "
                 f"({cfg.vocab_size - cfg.num_sentinels} pieces + {cfg.num_sentinels} sentinels) -> {path}",
@@ -304,19 +321,39 @@ class EmbeddedSource(Source):
 
 # --------------------------------------------------------------------------- tsv / jsonl
 
+def _glob_files(pattern: str) -> list[str]:
+    """Files (not folders) matching a local or gs:// / s3:// glob, sorted."""
+    from trainer import storage
+
+    if not storage.is_remote(pattern):
+        return sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
+    # One listing with each match's type (not a request per match); a missing bucket matches nothing.
+    try:
+        found = storage.filesystem(pattern).glob(pattern.partition("://")[2], detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(f"{storage.scheme(pattern)}://{k}" for k, info in found.items() if info.get("type") == "file")
+
+
 def expand_paths(spec: str, key: str = "data.path") -> list[str]:
-    """Files named by a path, glob, or comma-separated list of them; errors name the pattern."""
+    """Files named by a path, glob, or comma-separated list of them (local or gs:// / s3://);
+    errors name the pattern."""
+    from trainer import storage
+
     files: list[str] = []
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        part = os.path.expanduser(part)
+        if storage.is_remote(part):
+            storage.check(part)  # a missing client package: one line naming the path
+        else:
+            part = os.path.expanduser(part)
         if glob.has_magic(part):
-            matched = sorted(f for f in glob.glob(part) if os.path.isfile(f))
+            matched = _glob_files(part)
             if not matched:
                 raise FileNotFoundError(f"{key}: no files match {part!r}")
             files += matched
-        elif os.path.isdir(part):
+        elif storage.isdir(part):
             raise ValueError(f"{key}: {part!r} is a directory; name files or a glob")
-        elif not os.path.isfile(part):
+        elif not storage.isfile(part):
             raise FileNotFoundError(f"{key}: no such file: {part!r}")
         else:
             files.append(part)
@@ -363,28 +400,40 @@ def parse_line(kind: str, raw: bytes, keys: tuple[str, str]) -> tuple[str, str] 
 class LineIndex:
     """Valid lines of some files: where they are, plus per-file skip counts."""
 
-    files: list[str]
+    files: list[str]  # as named (local paths or URLs): what messages and stats show
     file_idx: np.ndarray  # int32 [n]
     offset: np.ndarray  # int64 [n]
     length: np.ndarray  # int32 [n]
     skipped: dict[str, dict[str, int]]  # file -> reason -> count
     lines: dict[str, int]  # file -> total lines
+    local: list[str] | None = None  # what is read: `files`, remote ones replaced by their local copies
 
     def __len__(self):
         return len(self.offset)
 
+    @property
+    def readable(self) -> list[str]:
+        return self.local if self.local is not None else self.files
+
 
 def index_files(kind: str, files: list[str], keys: tuple[str, str], key: str = "data.path") -> LineIndex:
-    """Scans the files once: where each valid line is, and why the others are skipped."""
+    """Scans the files once: where each valid line is, and why the others are skipped.
+
+    A remote file is checked for emptiness where it is, then downloaded once (`storage.local_copy`)
+    and scanned and read from that local copy: records are read at random (see the module doc)."""
+    from trainer import storage
+
     fi, off, ln = [], [], []
     skipped, lines = {}, {}
+    local = []
     for i, path in enumerate(files):
-        if os.path.getsize(path) == 0:
+        if storage.size(path) == 0:
             raise ValueError(f"{key}: {path} is empty")
+        local.append(storage.local_copy(path))
         counts: dict[str, int] = {}
         n = good = 0
         pos = 0
-        with open(path, "rb") as f:
+        with open(local[-1], "rb") as f:
             for raw in f:
                 n += 1
                 r = parse_line(kind, raw, keys)
@@ -403,7 +452,8 @@ def index_files(kind: str, files: list[str], keys: tuple[str, str], key: str = "
             detail = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
             raise ValueError(f"{key}: {path} has no valid {kind} lines ({n} lines: {detail})")
     idx = LineIndex(
-        files, np.asarray(fi, np.int32), np.asarray(off, np.int64), np.asarray(ln, np.int32), skipped, lines
+        files, np.asarray(fi, np.int32), np.asarray(off, np.int64), np.asarray(ln, np.int32), skipped, lines,
+        local if local != list(files) else None,
     )
     return idx
 
@@ -412,7 +462,7 @@ class _Lines:
     """Random access to indexed lines (os.pread: thread-safe, no shared file position)."""
 
     def __init__(self, index: LineIndex, rows: np.ndarray):
-        self._files = index.files
+        self._files = index.readable  # local files (remote ones' local copies)
         self._fi, self._off, self._ln = index.file_idx[rows], index.offset[rows], index.length[rows]
         self._fds: dict[int, int] = {}
         self._pid = None
@@ -469,10 +519,24 @@ def _split_rows(n: int, fraction: float, cap: int) -> dict[str, np.ndarray]:
     return {"train": np.flatnonzero(mask), "eval": ev}
 
 
+def _identity(f: str):
+    """What the corpus fingerprint records of a file: where it is and its version. Local files keep
+    their (absolute path, size, mtime) form, so tokenizers cached before remote paths existed are
+    still found; a URL gives (URL, size:generation or ETag)."""
+    from trainer import storage
+
+    if not storage.is_remote(f):
+        st = os.stat(f)
+        return (os.path.abspath(f), st.st_size, st.st_mtime_ns)
+    return (storage.absolute(f), storage.version(f))
+
+
 class TextPairSource(Source):
     """Parallel text from TSV (`source<TAB>target`) or JSON Lines files."""
 
     def __init__(self, cfg: DataConfig):
+        from trainer import storage
+
         kind, keys = cfg.source, (cfg.jsonl_inputs_key, cfg.jsonl_targets_key)
         self.index = index_files(kind, expand_paths(cfg.path), keys)
         if cfg.eval_path:
@@ -486,11 +550,8 @@ class TextPairSource(Source):
             rows = _split_rows(len(self.index), cfg.eval_fraction, cfg.eval_max_examples)
             self._rows = {s: (self.index, r) for s, r in rows.items()}
         files = self.index.files
-        self.fingerprint = _fingerprint(
-            [kind, keys, cfg.eval_path, cfg.eval_fraction]
-            + [(os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-        )
-        self.data_dir = os.path.dirname(os.path.abspath(files[0]))
+        self.fingerprint = _fingerprint([kind, keys, cfg.eval_path, cfg.eval_fraction] + [_identity(f) for f in files])
+        self.data_dir = storage.dirname(storage.absolute(files[0]))
         self._kind, self._keys = kind, keys
 
     def texts(self) -> Iterable[str]:
@@ -507,22 +568,24 @@ class TextPairSource(Source):
         idx, rows = self._rows[split]
         row = int(rows[index])
         path = idx.files[int(idx.file_idx[row])]
-        with open(path, "rb") as f:
+        with open(idx.readable[int(idx.file_idx[row])], "rb") as f:
             line = f.read(int(idx.offset[row])).count(b"\n") + 1
         return f"{path}:{line}"
 
     def attach(self, tokenizer: Tokenizer) -> None:
+        from trainer import storage
+
         self.tokenizer = tokenizer
         self.vocab_size = self.tokenizer.vocab_size
         self.make_example = _TokenizePair(self._kind, self._keys, self.tokenizer)
         self.stats = {"skipped_lines": 0}
         indexes = [self.index] + ([self.eval_index] if self.eval_index else [])
         paths = [p for idx in indexes for p in idx.skipped]
-        names = [os.path.basename(p) for p in paths]
+        names = [storage.basename(p) for p in paths]
         short = len(set(names)) == len(names)  # file names when unique, else the paths
         for idx in indexes:
             for path, counts in idx.skipped.items():
-                name = os.path.basename(path) if short else path
+                name = storage.basename(path) if short else path
                 total = sum(counts.values())
                 self.stats["skipped_lines"] += total
                 self.stats[f"skipped_lines/{name}"] = total
@@ -569,22 +632,38 @@ def decode_record(b: bytes) -> tuple[np.ndarray, np.ndarray]:
     return i, t
 
 
+def _nonempty_file(path: str) -> bool:
+    from trainer import storage
+
+    if not storage.is_remote(path):
+        return os.path.isfile(path) and os.path.getsize(path) > 0
+    try:  # one request: a missing object raises, a "folder" has size 0
+        return storage.size(path) > 0
+    except FileNotFoundError:
+        return False
+
+
 def read_manifest(path: str) -> tuple[str, dict]:
-    mpath = path if os.path.basename(path) == MANIFEST else os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
+    """(the prepared dataset's folder, its manifest); `path` is that folder or its manifest.json,
+    local or gs:// / s3://."""
+    from trainer import storage
+
+    storage.check(path)
+    mpath = path if storage.basename(path) == MANIFEST else storage.join(path, MANIFEST)
+    if not storage.isfile(mpath):
         raise FileNotFoundError(f"data.path: no {MANIFEST} at {mpath!r} (write one with python -m trainer.prepare)")
-    with open(mpath, encoding="utf-8") as f:
-        try:
-            m = json.load(f)
-        except ValueError as e:
-            raise ValueError(f"data.path: {mpath} is not valid JSON ({e})") from None
-    if m.get("format") != "seq2seq-arrayrecord-v1":
+    text = storage.read_bytes(mpath).decode("utf-8")
+    try:
+        m = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"data.path: {mpath} is not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != "seq2seq-arrayrecord-v1":
         raise ValueError(f"data.path: {mpath} is not a trainer.prepare manifest")
-    root = os.path.dirname(mpath)
+    root = storage.dirname(mpath)
     for split in ("train", "eval"):
         for shard in m["splits"].get(split, {}).get("shards", []):
-            p = os.path.join(root, shard)
-            if not os.path.isfile(p) or os.path.getsize(p) == 0:
+            p = storage.join(root, shard)
+            if not _nonempty_file(p):
                 raise FileNotFoundError(f"data.path: shard {p!r} listed in {mpath} is missing or empty")
     return root, m
 
@@ -604,12 +683,14 @@ class ArrayRecordSource(Source):
     """Pre-tokenized shards written by `python -m trainer.prepare` (random access)."""
 
     def __init__(self, cfg: DataConfig):
+        from trainer import storage
+
         self.root, self.manifest = read_manifest(cfg.path)
         t = self.manifest["tokenizer"]
         if t["kind"] in BYTE_LAYOUTS:
             self.own_tokenizer = ByteTokenizer(int(t["num_sentinels"]), t["kind"])
         else:
-            self.own_tokenizer = SentencePieceTokenizer.load(os.path.join(self.root, t["file"]), int(t["num_sentinels"]))
+            self.own_tokenizer = SentencePieceTokenizer.load(storage.join(self.root, t["file"]), int(t["num_sentinels"]))
         self._cfg = cfg
 
     def attach(self, tokenizer: Tokenizer) -> None:
@@ -627,9 +708,14 @@ class ArrayRecordSource(Source):
         self.stats = {}
 
     def records(self, split):
-        shards = [os.path.join(self.root, s) for s in self.manifest["splits"].get(split, {}).get("shards", [])]
+        from trainer import storage
+
+        shards = [storage.join(self.root, s) for s in self.manifest["splits"].get(split, {}).get("shards", [])]
         if not shards:
             return grain.MapDataset.source([])
+        # array_record's readers open local paths only: remote shards are read from local copies
+        # (downloaded here, once per machine and object version; the split's shards only).
+        shards = [storage.local_copy(s) for s in shards]
         return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shards))
 
 
@@ -638,14 +724,19 @@ class ArrayRecordSource(Source):
 
 def check(cfg: DataConfig) -> None:
     """Cheap checks before any source is read: files exist and are not empty."""
+    from trainer import storage
+
     if cfg.source in ("tsv", "jsonl"):
         for spec, key in ((cfg.path, "data.path"), (cfg.eval_path, "data.eval_path")):
             for f in expand_paths(spec, key) if spec else []:
-                if os.path.getsize(f) == 0:
+                if storage.size(f) == 0:
                     raise ValueError(f"{key}: {f} is empty")
     elif cfg.source == "arrayrecord":
         read_manifest(cfg.path)
     if cfg.tokenizer_path and cfg.tokenizer == "sentencepiece" and cfg.source != "arrayrecord":
+        if storage.is_remote(cfg.tokenizer_path):
+            storage.check(cfg.tokenizer_path)  # object storage has no folders to check
+            return
         d = os.path.dirname(os.path.abspath(cfg.tokenizer_path))
         if not os.path.exists(cfg.tokenizer_path) and not os.path.isdir(d):
             raise FileNotFoundError(
@@ -697,13 +788,15 @@ def make_source(cfg: DataConfig, *, vocab_size: int | None) -> Source:
 
 
 def get_tokenizer(cfg: DataConfig, workdir: str | None = None) -> Tokenizer | None:
+    from trainer import storage
+
     kinds = {c.source for _, _, c in cfg.sources()}
     if kinds == {"synthetic"}:
         return None
     if "arrayrecord" not in kinds:
         if cfg.tokenizer in BYTE_LAYOUTS:
             return ByteTokenizer(cfg.num_sentinels, cfg.tokenizer)
-        if cfg.tokenizer_path and os.path.exists(cfg.tokenizer_path):  # as recorded in a run's config
+        if cfg.tokenizer_path and storage.exists(cfg.tokenizer_path):  # as recorded in a run's config
             tok = SentencePieceTokenizer.load(cfg.tokenizer_path, cfg.num_sentinels)
             if tok.vocab_size != cfg.vocab_size:
                 raise ValueError(

@@ -135,8 +135,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path: str, num_sentinels: int) -> "SentencePieceTokenizer":
-        with open(path, "rb") as f:
-            return cls(f.read(), num_sentinels, path=path)
+        """A model file, local or at a gs:// / s3:// URL (read as bytes: SentencePiece loads protos)."""
+        from trainer import storage  # not at import: trainer.storage -> trainer.config -> trainer.data
+
+        return cls(storage.read_bytes(path), num_sentinels, path=path)
 
     def __getstate__(self):
         return {"proto": self._proto, "num_sentinels": self.num_sentinels, "path": self.path}
@@ -226,8 +228,17 @@ def write_once(path: str, data: bytes) -> str:
     """Atomically creates `path` with `data` unless it already exists; returns `path`.
 
     Several processes that train the same tokenizer at once all end up loading the
-    one file that was committed first, so they never disagree.
+    one file that was committed first, so they never disagree. On object storage (gs://, s3://)
+    the object is uploaded whole (`storage.write_bytes`) when it does not exist yet; processes
+    racing to create it may each upload, the last upload wins, so train a shared tokenizer once
+    (or on one process) before starting many.
     """
+    from trainer import storage
+
+    if storage.is_remote(path):
+        if not storage.exists(path):
+            storage.write_bytes(path, data)
+        return path
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".model")
