@@ -8,7 +8,7 @@
 #             resource with N slices named NAME-0 .. NAME-(N-1))
 #   stop      stop stale trainer processes on every worker (they hold the TPU chips)
 #   copy      copy this repository (git-tracked + untracked, not ignored files) to every worker
-#   install   create a venv on every worker and `pip install -e .` plus jax[tpu]
+#   install   create a venv on every worker and `pip install -e .[gcs]` plus jax[tpu]
 #   train     run `python -m trainer.train TRAINER ARGS` on all workers at once (--worker=all);
 #             output goes to the terminal and to ~/seq2seq-logs/train.log on each worker
 #   logs      fetch every worker's log into --logs-dir (default ./tpu-logs/NAME/)
@@ -23,6 +23,8 @@
 #   --version RUNTIME        TPU software version, default v2-alpha-tpuv5-lite
 #   --slices N               multi-slice over DCN (queued resources), default 1
 #   --spot                   create Spot capacity
+#   --service-account SA     the VMs' service account (default: the project's Compute Engine default);
+#                            it needs write access to the bucket holding the workdir
 #   --max-restarts N         restart training after a hang (exit code 7) up to N times, default 3
 #   --create / --delete      with `up`: create the slice first / delete it at the end
 #   --remote-dir DIR         where the code goes on the workers, default seq2seq (under $HOME)
@@ -32,22 +34,24 @@
 #
 # Example (the README's v5e-32 command):
 #   launch/tpu_pod.sh --name my-v5e --zone us-west4-a --create up -- \
-#       configs/hardware/tpu_v5e_32.yaml workdir=/mnt/shared/runs/v5e
+#       configs/hardware/tpu_v5e_32.yaml workdir=gs://my-bucket/runs/v5e
 #
-# The workdir must be shared by all workers (GCS-FUSE / Filestore mount): checkpoints are written
-# collectively and metrics by process 0. jax.distributed.initialize() auto-detects the slice
-# (worker id and coordinator from the TPU metadata); for multi-slice, the TPU runtime of a
-# queued resource sets the MEGASCALE_* variables itself, see the README (Multi-host training).
+# The workdir is a gs:// bucket path every worker writes directly (checkpoints collectively,
+# metrics by process 0); the VMs are created with the cloud-platform scope, so their service
+# account's IAM role on the bucket (e.g. roles/storage.objectUser) is what grants access.
+# jax.distributed.initialize() auto-detects the slice (worker id and coordinator from the TPU
+# metadata); for multi-slice, the TPU runtime of a queued resource sets the MEGASCALE_* variables
+# itself, see the README (Multi-host training).
 
 set -euo pipefail
 
 NAME=""; ZONE=""; PROJECT=""
 ACCEL="v5litepod-32"; VERSION="v2-alpha-tpuv5-lite"; SLICES=1; MAX_RESTARTS=3
-SPOT=0; CREATE=0; DELETE=0; DRY=0; BACKGROUND=0
+SPOT=0; CREATE=0; DELETE=0; DRY=0; BACKGROUND=0; SERVICE_ACCOUNT=""
 REMOTE_DIR="seq2seq"; LOGS_DIR=""
 ACTIONS=(); TRAIN_ARGS=()
 
-usage() { sed -n '2,40p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,44p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -59,6 +63,7 @@ while [ $# -gt 0 ]; do
         --slices) SLICES=$2; shift 2 ;;
         --max-restarts) MAX_RESTARTS=$2; shift 2 ;;
         --spot) SPOT=1; shift ;;
+        --service-account) SERVICE_ACCOUNT=$2; shift 2 ;;
         --create) CREATE=1; shift ;;
         --delete) DELETE=1; shift ;;
         --remote-dir) REMOTE_DIR=$2; shift 2 ;;
@@ -123,16 +128,19 @@ workers_of() {  # number of hosts in a slice of $ACCEL (for fetching logs worker
 }
 
 do_create() {
-    local spot=()
-    [ "$SPOT" = 1 ] && spot=(--spot)
+    local extra=()
+    [ "$SPOT" = 1 ] && extra=(--spot)
+    # Read-write access to Cloud Storage for the workdir: the full scope, limited by IAM.
+    extra+=(--scopes=https://www.googleapis.com/auth/cloud-platform)
+    [ -n "$SERVICE_ACCOUNT" ] && extra+=(--service-account="$SERVICE_ACCOUNT")
     if [ "$SLICES" -gt 1 ]; then
         run gcloud compute tpus queued-resources create "$NAME" "${COMMON[@]}" \
             --accelerator-type="$ACCEL" --runtime-version="$VERSION" \
-            --node-count="$SLICES" --node-prefix="$NAME" "${spot[@]}"
+            --node-count="$SLICES" --node-prefix="$NAME" "${extra[@]}"
         echo "# wait until 'gcloud compute tpus queued-resources describe $NAME' shows ACTIVE" >&2
     else
         run gcloud compute tpus tpu-vm create "$NAME" "${COMMON[@]}" \
-            --accelerator-type="$ACCEL" --version="$VERSION" "${spot[@]}"
+            --accelerator-type="$ACCEL" --version="$VERSION" "${extra[@]}"
     fi
 }
 
@@ -155,7 +163,7 @@ do_copy() {
     done
 }
 
-INSTALL_CMD="cd $REMOTE_DIR && (test -d ~/seq2seq-venv || python3 -m venv ~/seq2seq-venv) && ~/seq2seq-venv/bin/pip install -q -U pip && ~/seq2seq-venv/bin/pip install -q -e . 'jax[tpu]'"
+INSTALL_CMD="cd $REMOTE_DIR && (test -d ~/seq2seq-venv || python3 -m venv ~/seq2seq-venv) && ~/seq2seq-venv/bin/pip install -q -U pip && ~/seq2seq-venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]'"
 
 do_install() {
     for node in "${NODES[@]}"; do remote "$node" "$INSTALL_CMD"; done

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
+from tests.object_store import _server_logs, object_store  # noqa: F401  (fixtures)
 
 transformers = pytest.importorskip("transformers", reason="the test extra installs transformers 4.57 (Flax T5)")
 
@@ -280,6 +281,26 @@ def test_restore_from_hf_starts_training_from_the_checkpoint(hf_models, tmp_path
              "train.log_every=1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"initialised params from the Hugging Face checkpoint {msgpack_dir}" in r.stdout
+
+
+def test_import_from_and_to_a_bucket(hf_models, object_store, tmp_path):
+    """`trainer.import_hf gs://.../ckpt --out gs://.../run` (and s3://): the run's parameters equal a
+    local import's, bit for bit."""
+    from trainer import storage
+    from trainer.checkpoint import restore_items
+
+    _, safetensors_dir, _ = hf_models["v1_1"]
+    source, run_dir = object_store.url("hf", "t5"), object_store.url("runs", "imported")
+    storage.copy_tree(str(safetensors_dir), source)
+    r = _run("trainer.import_hf", source, "--out", run_dir, "runtime.cpu_devices=1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert storage.isfile(storage.join(run_dir, "config.yaml"))
+    cfg, run, spec, params = _import(safetensors_dir, jax.devices()[:1])
+    with run.context():
+        restored, step = restore_items(storage.join(run_dir, "checkpoints"), {"params": spec.restore_target()})
+    assert step == 0
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_spiece_tokenizer_is_imported_and_decodes_text(hf_models, tmp_path):

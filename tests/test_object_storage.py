@@ -150,3 +150,28 @@ def _assert_same_params(directories):
     for other in trees[1:]:
         for a, b in zip(first, jax.tree.leaves(other), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_damaged_checkpoint_in_a_bucket_falls_back_to_the_previous_one(object_store, capsys):
+    """A step in the bucket whose largest object is gone: reported, set aside as STEP.damaged (copied
+    and deleted: buckets cannot rename), and the run resumes from the step before."""
+    import jax
+
+    from trainer.config import load_config
+    from trainer.train import train
+
+    work = object_store.url("runs", "damaged")
+    common = [str(CONFIGS / "tiny.yaml"), f"workdir={work}", "train.log_every=1", "checkpoint.every=5", "mesh.fsdp=1"]
+    one = jax.devices()[:1]
+    train(load_config([*common, "train.steps=10"]), devices=one)
+    state = storage.join(work, "checkpoints", "10", "state")
+    victim = max(storage.walk_files(state), key=lambda rel: storage.size(storage.join(state, rel)))
+    storage.remove(storage.join(state, victim))
+    capsys.readouterr()
+    result = train(load_config([*common, "train.steps=12"]), devices=one)
+    out = capsys.readouterr()
+    assert f"checkpoint {storage.join(work, 'checkpoints', '10')} is damaged" in out.err
+    assert f"resuming from checkpoint step 5: {storage.join(work, 'checkpoints', '5')}" in out.out
+    assert result["train"]["step"] == 12
+    names = storage.listdir(storage.join(work, "checkpoints"))
+    assert "10.damaged" in names and "12" in names and "10" not in names

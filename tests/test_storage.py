@@ -53,3 +53,15 @@ def test_local_paths_unchanged(tmp_path):
     assert open(p).read() == "x" and storage.listdir(os.path.dirname(p)) == ["f.txt"]
     assert storage.local_copy(p) == p and storage.absolute("rel") == os.path.abspath("rel")
     assert storage.absolute("gs://b/run/") == "gs://b/run" and storage.dirname("gs://b/run/x") == "gs://b/run"
+
+
+def test_config_file_in_a_bucket(object_store):
+    """A config file at a URL, extending another by a relative `base:`."""
+    from trainer.config import load_config
+
+    storage.write_text(object_store.url("cfg", "base.yaml"), "base: tiny.yaml\nseed: 7\n")
+    storage.copy_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.yaml"),
+                      object_store.url("cfg", "tiny.yaml"))
+    storage.write_text(object_store.url("cfg", "run.yaml"), "base: base.yaml\ntrain: {steps: 3}\n")
+    cfg = load_config([object_store.url("cfg", "run.yaml"), "workdir=w"])
+    assert (cfg.seed, cfg.train.steps, cfg.model.d_model) == (7, 3, 32)
