@@ -1,7 +1,7 @@
 """The one-run-per-workdir lock on object storage (gs://, s3://), where there are no file locks.
 
 `trainer.workdir.WorkdirLock` uses it for a bucket workdir; the protocol is in `ObjectLock`'s
-docstring. Clients: google-cloud-storage (GCS) and boto3 (S3), the `gcs` / `s3` extras; both
+docstring. Clients: google-cloud-storage (GCS) and botocore (S3), from the `gcs` / `s3` extras; both
 honour the emulator endpoints (STORAGE_EMULATOR_HOST, AWS_ENDPOINT_URL).
 """
 
@@ -243,17 +243,17 @@ class _Gcs:
 
 
 class _S3:
-    """boto3 (honours AWS_ENDPOINT_URL): versions are ETags."""
+    """botocore, which s3fs already brings (honours AWS_ENDPOINT_URL): versions are ETags."""
 
     def __init__(self, url: str):
         try:
-            import boto3
             import botocore.exceptions
+            import botocore.session
         except ImportError:
-            raise storage.StorageError(f"{url}: an s3:// workdir needs the `boto3` package: "
+            raise storage.StorageError(f"{url}: an s3:// workdir needs the `botocore` package: "
                                        f"pip install -e '.[s3]'") from None
         self._errors = botocore.exceptions
-        self.client = boto3.client("s3")
+        self.client = botocore.session.get_session().create_client("s3")
         self.bucket, self.key = _bucket_key(url)
 
     def _code(self, e: Exception) -> str:
