@@ -106,16 +106,3 @@ def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
-
-# The modules whose tests take longest (minutes of subprocess training and compiles; measured with
-# --durations on 2 cores, heaviest first) start first: xdist's worksteal gives each worker half of
-# the collection and lets an idle one take from the other's tail, so the run ends on short tests
-# instead of on a long one begun late. Whole modules move, keeping their module fixtures on one worker.
-_HEAVY_MODULES = ("test_mesh_equivalence.py", "test_multihost.py", "test_default_run.py", "test_preemption.py",
-                  "test_checkpoint.py", "test_hf_t5.py", "test_plan.py", "test_object_storage.py", "test_watchdog.py",
-                  "test_lifecycle.py", "test_slurm.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(_HEAVY_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
