@@ -56,12 +56,11 @@ def straight(tmp_path_factory):
 
 
 def _train_until_logged(workdir, at_least):
-    """A bucket run started in the background, once `at_least` steps are in its metrics.jsonl. Its
-    batches arrive late (tests/faulty_train.py; the numbers do not change): 2 s each on GCS, so it is
-    still running while a second run tries the workdir, 0.2 s on S3, so the SIGTERM lands mid-run."""
-    slow = "2" if workdir.startswith("gs://") else "0.2"  # only the GCS chain runs the refused second run
+    """A bucket run started in the background, once `at_least` steps are in its metrics.jsonl. Each of
+    its batches arrives 2 s late (tests/faulty_train.py: the numbers do not change), so it is still
+    running while a second run tries the workdir."""
     proc = subprocess.Popen([sys.executable, "-m", "tests.faulty_train", *SMALL_DEFAULT, f"train.steps={STEPS}",
-                             f"workdir={workdir}"], cwd=ROOT, env={**_env(), "SLOW_PROCESS": "0", "SLOW_SECONDS": slow},
+                             f"workdir={workdir}"], cwd=ROOT, env={**_env(), "SLOW_PROCESS": "0", "SLOW_SECONDS": "2"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = storage.join(workdir, "metrics.jsonl")
     deadline = time.time() + 300
@@ -79,12 +78,9 @@ def test_bucket_workdir_lock_preempt_resume_decode_export(object_store, straight
     work = object_store.url("runs", "small")
     proc = _train_until_logged(work, 1)
     try:
-        # The lock: a second run on the same bucket workdir is refused and changes nothing (here on GCS;
-        # tests/test_object_storage_lock.py covers both stores' lock objects directly).
-        if object_store.scheme == "gs":
-            refused = _run("trainer.train", *SMALL_DEFAULT, f"workdir={work}", expect=2)
-            assert "is in use by another run" in refused.stderr and f"pid {proc.pid}" in refused.stderr, \
-                refused.stderr
+        # The lock: a second run on the same bucket workdir is refused and changes nothing.
+        refused = _run("trainer.train", *SMALL_DEFAULT, f"workdir={work}", expect=2)
+        assert "is in use by another run" in refused.stderr and f"pid {proc.pid}" in refused.stderr, refused.stderr
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=300)
     finally:
