@@ -125,7 +125,8 @@ def repair_jsonl(path: str, resume_step: int | None = None) -> int:
 
 
 class _RewrittenFile:
-    """An append-only text file on object storage: the whole contents, rewritten at each flush."""
+    """An append-only file on object storage (metrics.jsonl, an event file): the whole contents, rewritten at
+    each flush."""
 
     def __init__(self, path: str):
         self.path = path
@@ -135,8 +136,8 @@ class _RewrittenFile:
             self._data = bytearray()
         self._dirty = False
 
-    def write(self, text: str) -> None:
-        self._data += text.encode("utf-8")
+    def write(self, data: str | bytes) -> None:  # text from the metrics writer, bytes from tensorboardX
+        self._data += data.encode("utf-8") if isinstance(data, str) else data
         self._dirty = True
 
     def flush(self) -> None:
@@ -148,17 +149,9 @@ class _RewrittenFile:
         self.flush()
 
 
-class _EventFileWriter(_RewrittenFile):
-    """tensorboardX's record-writer interface for an event file on object storage."""
-
-    def write(self, data: bytes) -> None:  # type: ignore[override]  (event records are bytes)
-        self._data += data
-        self._dirty = True
-
-
 class _EventFileFactory:
-    def open(self, path: str) -> _EventFileWriter:
-        return _EventFileWriter(path)
+    def open(self, path: str) -> _RewrittenFile:  # tensorboardX's record-writer interface: write/flush/close
+        return _RewrittenFile(path)
 
     def directory_check(self, path: str) -> None:
         storage.check(path)

@@ -145,7 +145,7 @@ def isdir(path: str) -> bool:
     key = _key(path).rstrip("/")
     if "/" not in key:  # a bucket
         return fs.exists(key)
-    return bool(fs.ls(key + "/", detail=False)) if fs.isdir(key) else False
+    return bool(listdir(path))  # one listing, not an isdir request and then a listing
 
 
 def isfile(path: str) -> bool:
