@@ -94,6 +94,23 @@ def dot_product_attention(
     return out
 
 
+def cudnn_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None = None, *,
+                    bias: jax.Array | None = None, scale: bool = True) -> jax.Array:
+    """`dot_product_attention` through cuDNN's fused kernel (`model.attention_impl=cudnn`).
+
+    The same function without the [batch, heads, q_len, kv_len] logits in memory: cuDNN folds the
+    mask into its bias and never writes the probabilities. bfloat16 inputs, no attention dropout
+    (the config checks both); fully masked query rows give zeros, as in the XLA path.
+    """
+    factor = 1.0 / float(query.shape[-1]) ** 0.5 if scale else 1.0
+    bias = None if bias is None else bias.astype(query.dtype)
+    out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask, scale=factor,
+                                       implementation="cudnn")
+    if mask is not None:
+        out = out * jnp.any(mask, axis=-1)[:, 0, :, None, None].astype(out.dtype)
+    return out
+
+
 # A layer's key/value cache: (keys, values), each [batch, cache_length, heads, kv].
 KVCache = tuple[jax.Array, jax.Array]
 
@@ -174,18 +191,12 @@ class MultiHeadAttention(nnx.Module):
             new_k, new_v = self.project_key_value(inputs_kv)
             k, v = _write(cache[0], new_k, cache_index), _write(cache[1], new_v, cache_index)
             cache = (k, v)
-        y = dot_product_attention(
-            q,
-            k,
-            v,
-            mask,
-            dropout_rate=self.cfg.attention_dropout,
-            dropout_rng=dropout_rng,
-            deterministic=deterministic,
-            dtype=dt,
-            bias=bias,
-            scale=self.cfg.attention_scaling,
-        )
+        if self.cfg.attention_impl == "cudnn" and cache is None:  # cached steps: one query row, XLA's path
+            y = cudnn_attention(q, k, v, mask, bias=bias, scale=self.cfg.attention_scaling)
+        else:
+            y = dot_product_attention(q, k, v, mask, dropout_rate=self.cfg.attention_dropout, dropout_rng=dropout_rng,
+                                      deterministic=deterministic, dtype=dt, bias=bias,
+                                      scale=self.cfg.attention_scaling)
         y = axes.constrain(y, axes.BLHK)
         out = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
         return axes.constrain(out, axes.BLE), cache

@@ -18,6 +18,7 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("sinusoidal", "learned", "relative")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "minimal", "dots")
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters (and Adam moments)
     scan_layers: bool = False
     remat: str = "none"  # none | full | minimal (save dots without batch dims) | dots
+    # xla: our einsum attention (any device, attention dropout); cudnn: cuDNN's fused (flash)
+    # kernel through jax.nn.dot_product_attention, NVIDIA GPUs in bfloat16, no attention dropout.
+    attention_impl: str = "xla"
 
     @property
     def padded_vocab_size(self) -> int:
@@ -119,6 +123,7 @@ class ModelConfig:
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),
             ("remat", REMAT_POLICIES),
+            ("attention_impl", ATTENTION_IMPLS),
         ):
             v = getattr(self, field)
             if v not in allowed:
@@ -126,3 +131,12 @@ class ModelConfig:
         for field in ("share_embeddings", "tie_output", "scan_layers", "attention_scaling"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, f"must be true or false, got {getattr(self, field)!r}")
+        if self.attention_impl == "cudnn":
+            if self.dtype != "bfloat16":
+                fail("attention_impl", f"cudnn runs in bfloat16 only: set model.dtype=bfloat16 (got {self.dtype!r})")
+            if self.attention_dropout > 0:
+                fail("attention_impl", "cudnn has no attention dropout here: set model.attention_dropout=0 or "
+                     "model.attention_impl=xla")
+            if self.kv_dim % 8 or self.kv_dim > 128:
+                fail("attention_impl", f"cudnn needs a head dimension that is a multiple of 8, at most 128 (got "
+                     f"{self.kv_dim})")

@@ -96,3 +96,47 @@ def test_attention_dropout_needs_key_and_is_keyed(qkv):
     assert not np.allclose(np.asarray(a), np.asarray(c))
     with pytest.raises(ValueError):
         dot_product_attention(q, k, v, **kw)
+
+
+def test_cudnn_attention_is_the_same_function(qkv, monkeypatch):
+    """model.attention_impl=cudnn: jax.nn.dot_product_attention with our masks, bias, scaling and
+    zero rows. CPUs have no cuDNN, so its XLA implementation stands in for the kernel here (the
+    kernel itself ran on an H200: README, Performance)."""
+    from model.attention import cudnn_attention
+
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def on_cpu(*args, implementation=None, **kwargs):
+        calls.append(implementation)
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+    q, k, v = (jnp.asarray(a) for a in qkv)
+    rows_masked = np.ones((B, 1, L, L), bool)
+    rows_masked[0, :, 3:, :] = False
+    bias = jnp.asarray(np.random.default_rng(1).standard_normal((1, H, L, L)).astype(np.float32))
+    for mask in [*_masks().values(), jnp.asarray(rows_masked), None]:
+        for b in (None, bias):
+            for scale in (True, False):
+                want = dot_product_attention(q, k, v, mask, bias=b, scale=scale)
+                got = cudnn_attention(q, k, v, mask, bias=b, scale=scale)
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    assert set(calls) == {"cudnn"}
+    np.testing.assert_array_equal(np.asarray(cudnn_attention(q, k, v, jnp.asarray(rows_masked)))[0, 3:], 0.0)
+
+
+def test_cudnn_attention_config_errors(tmp_path):
+    from trainer.config import ConfigError
+    from trainer.run import Run
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match=r"model\.attention_impl.*bfloat16"):
+        tiny_config(tmp_path, "model.attention_impl=cudnn")
+    with pytest.raises(ConfigError, match=r"model\.attention_impl.*attention_dropout"):
+        tiny_config(tmp_path, "model.attention_impl=cudnn", "model.dtype=bfloat16", "model.attention_dropout=0.1")
+    with pytest.raises(ConfigError, match=r"model\.attention_impl"):
+        tiny_config(tmp_path, "model.attention_impl=flash")
+    cfg = tiny_config(tmp_path, "model.attention_impl=cudnn", "model.dtype=bfloat16")
+    with pytest.raises(ConfigError, match=r"`model\.attention_impl` is 'cudnn', which needs NVIDIA GPUs; .* cpu"):
+        Run.from_config(cfg, jax.devices())

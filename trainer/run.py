@@ -48,9 +48,15 @@ class Run:
         """
         init_devices(cfg)
         try:
-            return cls(cfg, make_mesh(dataclasses.asdict(cfg.mesh), devices), load_rules(cfg.rules))
+            mesh = make_mesh(dataclasses.asdict(cfg.mesh), devices)
+            rules = load_rules(cfg.rules)
         except (MeshError, RulesError) as e:
             raise ConfigError(str(e)) from None
+        platform = mesh.devices.flat[0].platform
+        if cfg.model.attention_impl == "cudnn" and platform != "gpu":
+            raise ConfigError(f"config key `model.attention_impl` is 'cudnn', which needs NVIDIA GPUs; this run's "
+                              f"devices are {platform}: use model.attention_impl=xla")
+        return cls(cfg, mesh, rules)
 
     # -- sizes and shardings ----------------------------------------------------------------------
 
