@@ -1,4 +1,4 @@
-"""`trainer.train` with a faulty input in one process, for the watchdog and straggler tests.
+"""`trainer.train` with a faulty input in one process, for the watchdog, straggler and goodput tests.
 
 Run as `launch.local --module tests.faulty_train -- <trainer.train arguments>`; the environment
 picks the fault (injected from outside the trainer, by wrapping the pipeline's `__next__`):

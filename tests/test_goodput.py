@@ -46,26 +46,34 @@ def test_categories_add_up_to_the_wall_time_in_records_tensorboard_and_the_accou
 
 @pytest.mark.slow
 def test_a_killed_run_resumed_reports_the_recomputed_steps_and_goodput_below_one(tmp_path):
-    """Default data path (embedded corpus, packing): kill -9 after step 10 with a checkpoint at 6."""
+    """Default data path (embedded corpus, packing): kill -9 at step 10 with a checkpoint at 6.
+
+    The run is killed while it waits for a batch that never comes (tests/faulty_train.py stalls the
+    13th; the loop reads ahead, so the last step logged is 10). Where it dies does not depend on how
+    fast the test polls: racing 11 ms steps, CI once saw step 12 first (stop 19).
+    """
     workdir = tmp_path / "run"
-    args = [sys.executable, "-m", "trainer.train", *SMALL_DEFAULT, f"workdir={workdir}", "train.steps=16",
-            "checkpoint.every=6", "checkpoint.async_save=false", "train.batch_size=16"]
+    common = [*SMALL_DEFAULT, f"workdir={workdir}", "train.steps=16", "checkpoint.every=6",
+              "checkpoint.async_save=false", "train.batch_size=16"]
+    args = [sys.executable, "-m", "trainer.train", *common]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stalled = {**env, "STALL_PROCESS": "0", "STALL_AT_BATCH": "13"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.faulty_train", *common], cwd=ROOT, env=stalled,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None:
+        steps: list[int] = []
+        while time.time() < deadline and proc.poll() is None and not (steps and max(steps) >= 10):
             steps = [r["step"] for r in read_metrics(workdir)] if (workdir / "metrics.jsonl").exists() else []
-            if steps and max(steps) >= 10:
-                break
-            time.sleep(0.02)
+            time.sleep(0.05)
+        time.sleep(1.0)  # nothing more is logged: the run waits for batch 13
         assert proc.poll() is None, "the run ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait(60)
     finally:
         proc.kill()
     killed_at = max(r["step"] for r in read_metrics(workdir))
-    assert 10 <= killed_at < 12 and (workdir / "checkpoints" / "6").is_dir()
+    assert killed_at == 10 and (workdir / "checkpoints" / "6").is_dir()
 
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
