@@ -16,6 +16,11 @@ Exit codes: 0 on success, 2 for a user error (one line on stderr).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX loads: glibc reads its tunables at process start only
+    from trainer.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages()
+
 import json
 import sys
 import time

@@ -6,6 +6,11 @@ Every check that can fail on user input runs before the first compile.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before JAX loads: glibc reads its tunables at process start only
+    from trainer.hugepages import reexec_with_hugepages
+
+    reexec_with_hugepages()
+
 import contextlib
 import dataclasses
 import errno
