@@ -2,8 +2,8 @@
 
 XLA:CPU takes a step's temporaries (about 0.9 GiB at the reference size of `configs/bench.yaml`)
 from malloc, which maps them fresh from the kernel each step and unmaps them after: in 4 KiB pages
-that is about 240,000 page faults a step, and the kernel's fault handling and zeroing came to a
-tenth to a fifth of the step on the 2-core development machines. With `glibc.malloc.hugetlb=1`
+that is about 240,000 page faults a step, and the kernel's fault handling and zeroing came to
+5-25% of the step on the 2-core development machines. With `glibc.malloc.hugetlb=1`
 glibc asks for transparent huge pages (2 MiB) on what it maps (the kernel's THP mode `madvise`,
 Debian's default, honours that); the faults drop about 13x (README, Performance).
 
@@ -32,6 +32,7 @@ def _glibc_has_tunable() -> bool:
 
 
 def _thp_available() -> bool:
+    """The kernel's THP mode (Linux only) is `always` or `madvise`."""
     try:
         with open(_THP_MODES) as f:
             return "[never]" not in f.read()
@@ -48,11 +49,7 @@ def tunables_with_hugepages(current: str) -> str | None:
 
 def reexec_with_hugepages() -> None:
     """Restart this process with the tunable set, when glibc and the kernel support it; else return."""
-    if sys.platform != "linux" or not sys.executable or not _glibc_has_tunable() or not _thp_available():
-        return
     tunables = tunables_with_hugepages(os.environ.get("GLIBC_TUNABLES", ""))
-    if tunables is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
+    if tunables is None or not sys.executable or not _glibc_has_tunable() or not _thp_available():
+        return  # the restarted process stops at the first test
     os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
