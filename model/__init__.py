@@ -9,7 +9,8 @@ from model.config import ModelConfig
 from model.layers import (Embed, FeedForward, LearnedPositions, Logits, Norm, dropout,
                           sinusoidal_positions)
 from model.stack import Decoder, Encoder
-from model.transformer import PADDED_VOCAB_LOGIT, Transformer, positions_from_segments, shift_right
+from model.output import PADDED_VOCAB_LOGIT
+from model.transformer import Transformer, positions_from_segments, shift_right
 
 __all__ = [
     "ACTIVATION_AXES", "ALL_AXES", "PARAM_AXES", "PADDED_VOCAB_LOGIT", "Decoder", "DecoderBlock",

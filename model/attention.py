@@ -13,7 +13,7 @@ from flax import nnx
 
 from model import axes
 from model.config import ModelConfig
-from model.layers import dropout
+from model.layers import dense, dropout
 
 # Finite, so masked logits never make inf - inf = NaN; exp() of it is exactly 0 in float32.
 _MASK_VALUE = -1e10
@@ -154,7 +154,8 @@ class MultiHeadAttention(nnx.Module):
 
     def _project(self, x: jax.Array, kernel: nnx.Param) -> jax.Array:
         dt = self.cfg.compute_dtype
-        y = jnp.einsum("bld,dhk->blhk", x.astype(dt), kernel[...].astype(dt))
+        w = kernel[...].astype(dt)
+        y = dense(x.astype(dt), w.reshape(w.shape[0], -1)).reshape(*x.shape[:-1], *w.shape[1:])
         return axes.constrain(y, axes.BLHK)
 
     def project_key_value(self, x: jax.Array) -> KVCache:
@@ -198,5 +199,6 @@ class MultiHeadAttention(nnx.Module):
                                       deterministic=deterministic, dtype=dt, bias=bias,
                                       scale=self.cfg.attention_scaling)
         y = axes.constrain(y, axes.BLHK)
-        out = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))
+        w = self.out[...].astype(dt)
+        out = dense(y.reshape(*y.shape[:-2], -1), w.reshape(-1, w.shape[-1]))
         return axes.constrain(out, axes.BLE), cache

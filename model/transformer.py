@@ -5,8 +5,9 @@ deterministically per stage, per layer and per call site, so a jitted step gives
 result whatever the mesh the inputs are sharded over.
 
 Decoding one position at a time (`init_cache`, `decode_step`) runs the same embedding,
-decoder stack and logits as the full pass (`decode`); only the masks and the cache differ.
+decoder stack and logits as the full pass (`__call__`); only the masks and the cache differ.
 `generate` drives that step with the searches of `model.search` (greedy, sampling, beam).
+Training and eval read the loss of the same logits through `loss_sums` (`model.output`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import axes, search
+from model import axes, output, search
 from model.attention import combine_masks, make_attention_mask, make_causal_mask, make_segment_mask
 from model.config import ModelConfig
 from model.layers import (Embed, LearnedPositions, Logits, RelativePositionBias, dropout, sinusoidal_positions,
                           split_key)
 from model.stack import Decoder, Encoder
-
-# Finite so that one-hot * logits in a loss never meets -inf * 0; exp() underflows to 0.
-PADDED_VOCAB_LOGIT = -1e9
 
 # The decoding cache (`Transformer.init_cache`) is a plain dict pytree, so jit,
 # `jax.lax.while_loop` and the searches in `model.search` carry it without NNX code:
@@ -87,8 +85,9 @@ class Transformer(nnx.Module):
 
     Token ids are int32 with 0 = padding (and BOS after the shift). Logits cover the padded
     vocabulary; ids >= vocab_size get PADDED_VOCAB_LOGIT so they never get probability.
-    `__call__`/`encode`/`decode` are the full passes; `init_cache` and `decode_step` decode
-    one position at a time through the same modules, which `generate` drives.
+    `__call__`/`encode`/`decode_states` are the full passes (`loss_sums` their loss);
+    `init_cache` and `decode_step` decode one position at a time through the same modules,
+    which `generate` drives.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -175,7 +174,7 @@ class Transformer(nnx.Module):
             bias = self.encoder_relative_bias(inputs_positions, inputs_positions)
         return self.encoder(x, mask, bias=bias, deterministic=deterministic, dropout_rng=k_layers)
 
-    def decode(
+    def decode_states(
         self,
         encoded: jax.Array,
         inputs: jax.Array,
@@ -186,9 +185,8 @@ class Transformer(nnx.Module):
         targets_positions: jax.Array | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
-        return_probs: bool = False,
     ) -> jax.Array:
-        """Decoder logits (or probabilities) [batch, tgt_len, padded_vocab], float32.
+        """The decoder's output states [batch, tgt_len, d_model], before the logits.
 
         `inputs` (source ids) only give the cross-attention padding mask when
         `inputs_segment_ids` is None. Decoder self-attention is causal, and also segment-masked
@@ -210,8 +208,7 @@ class Transformer(nnx.Module):
                 jnp.ones(decoder_input_tokens.shape, bool) if targets_segment_ids is None else targets_segment_ids != 0
             )
             cross_mask = make_attention_mask(query_valid, key_valid)
-
-        logits, _ = self._decoder_logits(
+        y, _ = self._decoder_states(
             decoder_input_tokens,
             targets_positions,
             encoded,
@@ -220,11 +217,9 @@ class Transformer(nnx.Module):
             deterministic=deterministic,
             dropout_rng=dropout_rng,
         )
-        if return_probs:
-            return jax.nn.softmax(logits, axis=-1)
-        return logits
+        return y
 
-    def _decoder_logits(
+    def _decoder_states(
         self,
         ids: jax.Array,
         positions: jax.Array,
@@ -236,9 +231,9 @@ class Transformer(nnx.Module):
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
-        """Target embedding, decoder stack and logits: the one path of `decode` and `decode_step`.
+        """Target embedding and decoder stack: the one path of `decode_states` and `decode_step`.
 
-        Without `cache`: logits of every position of `ids`. With one: `ids` sit at positions
+        Without `cache`: the output states of every position of `ids`. With one: `ids` sit at positions
         `cache['index']`.., the decoder reads and writes the cache, and the updated cache (index
         moved past `ids`) comes back.
         """
@@ -263,20 +258,22 @@ class Transformer(nnx.Module):
         )
         if cache is not None:
             cache = dict(cache, **layer_cache, index=cache["index"] + ids.shape[1])
-        return self.logits(y), cache
+        return y, cache
+
+    def output_operands(self, y: jax.Array) -> tuple[jax.Array, jax.Array, int]:
+        """(states, kernel, vocab axis) of the output layer for decoder states `y` (`model.output`)."""
+        if self.logits_dense is None:
+            return (*self._target_embedding().output_operands(y), 0)
+        return (*self.logits_dense.output_operands(y), 1)
 
     def logits(self, y: jax.Array) -> jax.Array:
         """Logits [batch, len, padded_vocab] (float32) of decoder outputs `y`.
 
-        The one place the padded vocabulary is masked: ids >= vocab_size get PADDED_VOCAB_LOGIT,
-        so no pass (training, eval, generation) ever gives them probability.
+        Ids >= vocab_size get PADDED_VOCAB_LOGIT (in `model.output`, for every pass, the loss's
+        included), so no pass ever gives them probability.
         """
-        table = self._target_embedding()
-        logits = table.attend(y) if self.logits_dense is None else self.logits_dense(y)
-        if self.cfg.padded_vocab_size > self.cfg.vocab_size:  # a pass over the logits only when there are pad rows
-            vocab_ok = jnp.arange(self.cfg.padded_vocab_size) < self.cfg.vocab_size
-            logits = jnp.where(vocab_ok, logits, PADDED_VOCAB_LOGIT)
-        return axes.constrain(logits, axes.BLV)
+        states, kernel, vocab_axis = self.output_operands(y)
+        return output.logits(states, kernel, vocab_axis=vocab_axis, vocab_size=self.cfg.vocab_size)
 
     # -- incremental decoding --------------------------------------------------------------------
 
@@ -297,7 +294,7 @@ class Transformer(nnx.Module):
         """Feeds `tokens` [batch] at position `cache['index']`; returns logits [batch, vocab], cache.
 
         The logits (float32, padded vocabulary masked) predict the token at position index + 1
-        and equal `decode`'s at that position. Position 0's input is 0 (the shift-right BOS).
+        and equal `__call__`'s at that position. Position 0's input is 0 (the shift-right BOS).
         """
         index = cache["index"]
         batch = tokens.shape[0]
@@ -305,8 +302,8 @@ class Transformer(nnx.Module):
         positions = jnp.broadcast_to(index, (batch, 1)).astype(jnp.int32)
         self_mask = make_causal_mask(1, cache["self_k"].shape[2], offset=index)
         cross_mask = make_attention_mask(jnp.ones((batch, 1), bool), cache["source_valid"])
-        logits, cache = self._decoder_logits(ids, positions, None, self_mask, cross_mask, cache=cache)
-        return logits[:, 0], cache
+        y, cache = self._decoder_states(ids, positions, None, self_mask, cross_mask, cache=cache)
+        return self.logits(y)[:, 0], cache
 
     def search_step(self) -> Callable[[jax.Array, Cache], tuple[jax.Array, Cache]]:
         """`step(tokens [batch], cache) -> (logits [batch, vocab], cache)`: what the searches call.
@@ -355,7 +352,7 @@ class Transformer(nnx.Module):
                                  temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
         return search.greedy(step, cache, batch_size=batch_size, max_length=max_length, eos_id=eos_id)
 
-    def __call__(
+    def teacher_forced_states(
         self,
         inputs: jax.Array,
         targets: jax.Array,
@@ -366,11 +363,10 @@ class Transformer(nnx.Module):
         targets_positions: jax.Array | None = None,
         deterministic: bool = True,
         dropout_rng: jax.Array | None = None,
-        return_probs: bool = False,
     ) -> jax.Array:
-        """Teacher forcing: logits [batch, tgt_len, padded_vocab] (float32) predicting `targets`.
+        """Encoder, then decoder on shift_right(targets): output states [batch, tgt_len, d_model].
 
-        The decoder reads shift_right(targets) (segment-aware), so position t sees targets[:t].
+        The shift is segment-aware, so position t sees targets[:t] of its own example.
         """
         _check_rng(deterministic, dropout_rng)
         k_enc, k_dec = split_key(dropout_rng if not deterministic else None, 2)
@@ -382,7 +378,7 @@ class Transformer(nnx.Module):
             dropout_rng=k_enc,
         )
         decoder_inputs = shift_right(targets, targets_segment_ids)
-        return self.decode(
+        return self.decode_states(
             encoded,
             inputs,
             decoder_inputs,
@@ -391,5 +387,39 @@ class Transformer(nnx.Module):
             targets_positions=targets_positions,
             deterministic=deterministic,
             dropout_rng=k_dec,
-            return_probs=return_probs,
         )
+
+    def __call__(
+        self,
+        inputs: jax.Array,
+        targets: jax.Array,
+        *,
+        return_probs: bool = False,
+        **kwargs,
+    ) -> jax.Array:
+        """Teacher forcing: logits [batch, tgt_len, padded_vocab] (float32) predicting `targets`.
+
+        Keyword arguments as for `teacher_forced_states` (segment ids, positions, dropout).
+        """
+        logits = self.logits(self.teacher_forced_states(inputs, targets, **kwargs))
+        return jax.nn.softmax(logits, axis=-1) if return_probs else logits
+
+    def loss_sums(
+        self,
+        inputs: jax.Array,
+        targets: jax.Array,
+        weights: jax.Array,
+        *,
+        label_smoothing: float = 0.0,
+        **kwargs,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Teacher forcing: (sum of weights * token cross-entropy, sum of weights * correct).
+
+        The loss of `__call__`'s logits against `targets`, computed without keeping them
+        (`model.output.cross_entropy_sums`); a token is correct when its target has the top logit.
+        Keyword arguments as for `teacher_forced_states`.
+        """
+        y = self.teacher_forced_states(inputs, targets, **kwargs)
+        states, kernel, vocab_axis = self.output_operands(y)
+        return output.cross_entropy_sums(states, kernel, targets.astype(jnp.int32), weights.astype(jnp.float32),
+                                         vocab_axis, self.cfg.vocab_size, label_smoothing)

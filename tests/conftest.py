@@ -56,7 +56,7 @@ def nonfinite_loss_on_batch(cfg, step):
     """Within this block, the train step's loss is non-finite on the batch that `cfg` trains at `step`.
 
     Fault injection from outside the trainer: the batch is found by reading `cfg`'s own input
-    pipeline (one process), and `trainer.step.cross_entropy` is wrapped to return an infinite loss
+    pipeline (one process), and `trainer.step.loss_sums` is wrapped to return an infinite loss
     (so infinite gradients) for exactly that batch's targets. Steps are traced after this
     patch, so use it around a `train(...)` call in this process.
     """
@@ -73,17 +73,17 @@ def nonfinite_loss_on_batch(cfg, step):
                         vocab_size=cfg.model.vocab_size) as data:
         prints = [int(fingerprint(jnp.asarray(next(data)["targets"]))) for _ in range(step)]
     assert prints.count(prints[-1]) == 1, "the fingerprint must single out the batch"
-    real = step_module.cross_entropy
+    real = step_module.loss_sums
 
-    def poisoned(logits, targets, weights, **kw):
-        loss_sum, weight_sum, correct = real(logits, targets, weights, **kw)
-        return loss_sum * jnp.where(fingerprint(targets) == prints[-1], jnp.inf, 1.0), weight_sum, correct
+    def poisoned(graphdef, params, batch, **kw):
+        loss_sum, weight_sum, correct = real(graphdef, params, batch, **kw)
+        return loss_sum * jnp.where(fingerprint(batch["targets"]) == prints[-1], jnp.inf, 1.0), weight_sum, correct
 
-    step_module.cross_entropy = poisoned
+    step_module.loss_sums = poisoned
     try:
         yield
     finally:
-        step_module.cross_entropy = real
+        step_module.loss_sums = real
 
 
 def run_cli(args, cwd=ROOT, timeout=600, env=None):

@@ -2,8 +2,9 @@
 
 Measures, for the configured model, mesh and batch, on this machine:
 - compile time of the train step (ahead-of-time lower + compile);
-- step time, tokens/s, model TFLOP/s and MFU over `bench.steps` timed steps (after 2 warm-up
-  steps), the peak FLOP/s (published for GPU/TPU, measured by a jitted matmul on CPU);
+- step time (the median over `bench.steps` timed steps, after 2 warm-up steps; also their mean
+  and minimum), tokens/s, model TFLOP/s and MFU at the median, the peak FLOP/s (published for
+  GPU/TPU, measured by a jitted matmul on CPU);
 - memory per device: parameters + optimizer state actually held, and XLA's compiled-step
   figures (arguments, temporaries);
 - the input pipeline alone: batches/s against the train steps/s it has to feed.
@@ -17,11 +18,12 @@ Exit codes: 0 on success, 2 for a user error (one line on stderr).
 from __future__ import annotations
 
 if __name__ == "__main__":  # before JAX loads: glibc reads its tunables at process start only
-    from trainer.hugepages import reexec_with_hugepages
+    from trainer.malloc import reexec_with_malloc_tunables
 
-    reexec_with_hugepages()
+    reexec_with_malloc_tunables()
 
 import json
+import statistics
 import sys
 import time
 from typing import Any
@@ -48,8 +50,7 @@ def run(cfg: Config, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str
     with setup.context():
         spec = setup.state_spec(tx)
         state = create_state(spec)
-        step_fn = jit_train_step(spec.graphdef, tx, schedule, vocab_size=cfg.model.vocab_size,
-                                 label_smoothing=cfg.train.label_smoothing,
+        step_fn = jit_train_step(spec.graphdef, tx, schedule, label_smoothing=cfg.train.label_smoothing,
                                  grad_accum_steps=cfg.train.grad_accum_steps, skip_nonfinite=False,
                                  state_shardings=spec.shardings, batch_sharding=setup.batch_sharding)
         batches = [setup.to_global(next(pipeline)) for _ in range(2 + steps)]
@@ -59,11 +60,8 @@ def run(cfg: Config, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str
         for batch in batches[:2]:
             state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics["loss"])
-        t0 = time.perf_counter()
-        for batch in batches[2:]:
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        step_s = (time.perf_counter() - t0) / steps
+        step_times, state = _timed_steps(compiled, state, batches[2:])
+        step_s = statistics.median(step_times)
 
     mesh = setup.mesh
     device0 = mesh.devices.flat[0]
@@ -79,7 +77,8 @@ def run(cfg: Config, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str
         "device": device0.device_kind, "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
         "params_m": count_params(state["params"]) / 1e6, "dtype": model_cfg.dtype,
         "batch_size": cfg.train.batch_size, "lengths": [cfg.data.inputs_length, cfg.data.targets_length],
-        "compile_s": compile_s, "step_time_s": step_s, "steps_per_s": 1.0 / step_s,
+        "compile_s": compile_s, "step_time_s": step_s, "step_time_mean_s": statistics.mean(step_times),
+        "step_time_min_s": min(step_times), "steps_per_s": 1.0 / step_s,
         "tokens_per_s": tokens / step_s, "per_device_tokens_per_s": tokens / step_s / mesh.devices.size,
         "model_gflop_per_step": flops / 1e9, "model_tflops_per_s": flops / step_s / 1e12,
         "peak_tflops": peak_total / 1e12, "peak_source": peak_source, "mfu": flops / step_s / peak_total,
@@ -92,13 +91,36 @@ def run(cfg: Config, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str
     }
 
 
+def _timed_steps(compiled: Any, state: Any, batches: list[Any]) -> tuple[list[float], Any]:
+    """Seconds between the ends of consecutive steps (each dispatched before the last one is
+    waited for), and the state after them.
+
+    The host queues step n+1 before it waits for step n (as the train loop does), so each
+    interval is the step's own time, not the step plus its dispatch.
+    """
+    times, pending = [], None
+    last = time.perf_counter()
+    for batch in batches:
+        state, metrics = compiled(state, batch)
+        if pending is not None:
+            jax.block_until_ready(pending)
+            now = time.perf_counter()
+            times.append(now - last)
+            last = now
+        pending = metrics["loss"]
+    jax.block_until_ready(pending)
+    times.append(time.perf_counter() - last)
+    return times, state
+
+
 def _table(r: dict[str, Any]) -> str:
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.1f} MiB"  # noqa: E731
     rows = [
         ("device", f"{r['devices']} x {r['device']}, mesh {r['mesh']}"),
         ("model", f"{r['params_m']:.2f}M params, {r['dtype']}, batch {r['batch_size']} x {r['lengths']}"),
         ("compile", f"{r['compile_s']:.1f} s"),
-        ("step time", f"{r['step_time_s'] * 1e3:.1f} ms ({r['steps_per_s']:.2f} steps/s)"),
+        ("step time", f"{r['step_time_s'] * 1e3:.1f} ms median ({r['steps_per_s']:.2f} steps/s), mean "
+                      f"{r['step_time_mean_s'] * 1e3:.1f} ms, min {r['step_time_min_s'] * 1e3:.1f} ms"),
         ("throughput", f"{r['tokens_per_s']:,.0f} tokens/s ({r['per_device_tokens_per_s']:,.0f} per device)"),
         ("model FLOP/s", f"{r['model_tflops_per_s']:.3f} TFLOP/s of {r['peak_tflops']:.3f} peak ({r['peak_source']})"),
         ("MFU", f"{100 * r['mfu']:.1f}%"),

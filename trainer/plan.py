@@ -137,8 +137,8 @@ def compile_step(cfg: Config, target: Target, devices: list[Any]) -> dict[str, A
         spec = run.state_spec(tx)
         parts = state_bytes_per_device(spec)
         out["state_bytes"] = {**parts, "total": sum(parts.values())}
-        step = jit_train_step(spec.graphdef, tx, schedule, vocab_size=run.cfg.model.vocab_size,
-                              label_smoothing=cfg.train.label_smoothing, grad_accum_steps=cfg.train.grad_accum_steps,
+        step = jit_train_step(spec.graphdef, tx, schedule, label_smoothing=cfg.train.label_smoothing,
+                              grad_accum_steps=cfg.train.grad_accum_steps,
                               skip_nonfinite=False, state_shardings=spec.shardings, batch_sharding=run.batch_sharding)
         start = time.perf_counter()
         try:

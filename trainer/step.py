@@ -20,62 +20,21 @@ from trainer.data.vocab import EOS_ID
 from trainer.train_state import TrainState
 
 
-@jax.custom_vjp
-def _token_nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(-log softmax(logits)[target], whether the target has the top logit) per token.
+def loss_sums(graphdef: Any, params: Any, batch: dict[str, jax.Array], *, label_smoothing: float = 0.0,
+              deterministic: bool, dropout_rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Summed token loss, summed weights and summed correct predictions of one batch.
 
-    The gradient is written out, `softmax - one_hot(target)` in one elementwise pass over the
-    logits: autodiff would add the transpose of the target gather (a scatter into a zeroed
-    vocabulary-wide buffer) to the softmax term in a second pass.
+    The model's fused output layer and cross-entropy (`model.output`): the vocabulary-wide
+    logits exist only inside it. Weights are 1 for real target tokens, 0 for padding.
     """
-    return _token_nll_fwd(logits, targets)[0]
-
-
-def _token_nll_fwd(logits: jax.Array, targets: jax.Array) -> tuple[tuple[jax.Array, jax.Array], tuple]:
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    correct = target_logit >= jnp.max(logits, axis=-1)
-    return (lse - target_logit, correct), (logits, targets, lse)
-
-
-def _token_nll_bwd(res: tuple, g: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-    logits, targets, lse = res
-    is_target = jnp.arange(logits.shape[-1]) == targets[..., None]
-    d_logits = (jnp.exp(logits - lse[..., None]) - is_target) * g[0][..., None]
-    return d_logits, None
-
-
-_token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array, *, vocab_size: int,
-                  label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Summed token loss, summed weights and summed correct predictions.
-
-    Written as logsumexp minus the target's logit, so the only vocabulary-wide tensors are the
-    float32 logits and (in the backward pass) their gradient: no log-probability tensor, no
-    separate argmax pass (a token is correct when its logit is the row's maximum). Label
-    smoothing spreads its mass over the real vocabulary only: the padded rows of the logits are
-    masked by the model and must not receive any target probability.
-    """
-    logits = logits.astype(jnp.float32)
-    loss, correct = _token_nll(logits, targets.astype(jnp.int32))
-    if label_smoothing > 0:
-        real = jnp.arange(logits.shape[-1]) < vocab_size
-        mean_logit = jnp.sum(jnp.where(real, logits, 0.0), axis=-1) / vocab_size
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (jax.nn.logsumexp(logits, axis=-1) - mean_logit)
-    return jnp.sum(loss * weights), jnp.sum(weights), jnp.sum(correct.astype(jnp.float32) * weights)
-
-
-def _forward(graphdef: Any, params: Any, batch: dict[str, jax.Array], *, deterministic: bool,
-             dropout_rng: jax.Array | None) -> jax.Array:
     model = nnx.merge(graphdef, params)
-    return model(batch["inputs"], batch["targets"],
-                 inputs_segment_ids=batch.get("inputs_segment_ids"),
-                 targets_segment_ids=batch.get("targets_segment_ids"),
-                 inputs_positions=batch.get("inputs_positions"),
-                 targets_positions=batch.get("targets_positions"),
-                 deterministic=deterministic, dropout_rng=dropout_rng)
+    weights = _weights(batch)
+    loss_sum, correct = model.loss_sums(
+        batch["inputs"], batch["targets"], weights, label_smoothing=label_smoothing,
+        inputs_segment_ids=batch.get("inputs_segment_ids"), targets_segment_ids=batch.get("targets_segment_ids"),
+        inputs_positions=batch.get("inputs_positions"), targets_positions=batch.get("targets_positions"),
+        deterministic=deterministic, dropout_rng=dropout_rng)
+    return loss_sum, jnp.sum(weights), correct
 
 
 def _weights(batch: dict[str, jax.Array]) -> jax.Array:
@@ -84,7 +43,7 @@ def _weights(batch: dict[str, jax.Array]) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, vocab_size: int, label_smoothing: float,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, label_smoothing: float,
                grad_accum_steps: int, skip_nonfinite: bool) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over the global batch, split into `grad_accum_steps` microbatches.
 
@@ -96,9 +55,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: Any,
     step_rng = jax.random.fold_in(base_rng, step)
 
     def micro_loss(params, micro, rng):
-        logits = _forward(graphdef, params, micro, deterministic=False, dropout_rng=rng)
-        loss_sum, weight_sum, correct = cross_entropy(logits, micro["targets"], _weights(micro),
-                                                      vocab_size=vocab_size, label_smoothing=label_smoothing)
+        loss_sum, weight_sum, correct = loss_sums(graphdef, params, micro, label_smoothing=label_smoothing,
+                                                  deterministic=False, dropout_rng=rng)
         return loss_sum, (weight_sum, correct)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -154,27 +112,26 @@ def _schedule_count(opt_state: Any, default: jax.Array) -> jax.Array:
     return found[0].count if found else default
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: Any, vocab_size: int) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: dict[str, jax.Array], *, graphdef: Any) -> dict[str, jax.Array]:
     """Sums for one eval batch (the loop divides at the end): loss without smoothing, accuracy."""
-    logits = _forward(graphdef, params, batch, deterministic=True, dropout_rng=None)
-    loss_sum, weight_sum, correct = cross_entropy(logits, batch["targets"], _weights(batch), vocab_size=vocab_size)
+    loss_sum, weight_sum, correct = loss_sums(graphdef, params, batch, deterministic=True, dropout_rng=None)
     return {"loss_sum": loss_sum, "weight_sum": weight_sum, "correct_sum": correct}
 
 
-def jit_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *, vocab_size: int,
+def jit_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                    label_smoothing: float, grad_accum_steps: int, skip_nonfinite: bool, state_shardings: Any,
                    batch_sharding: NamedSharding) -> Any:
     """`(state, batch) -> (state, metrics)`, the state donated and kept on its shardings."""
-    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, vocab_size=vocab_size,
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                            label_smoothing=label_smoothing, grad_accum_steps=grad_accum_steps,
                            skip_nonfinite=skip_nonfinite)
     return jax.jit(fn, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def jit_eval_step(graphdef: Any, *, vocab_size: int, param_shardings: Any, batch_sharding: NamedSharding) -> Any:
+def jit_eval_step(graphdef: Any, *, param_shardings: Any, batch_sharding: NamedSharding) -> Any:
     """`(params, batch) -> sums` of loss, weights and correct tokens."""
-    fn = functools.partial(eval_step, graphdef=graphdef, vocab_size=vocab_size)
+    fn = functools.partial(eval_step, graphdef=graphdef)
     return jax.jit(fn, in_shardings=(param_shardings, batch_sharding))
 
 

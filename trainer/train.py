@@ -7,9 +7,9 @@ Every check that can fail on user input runs before the first compile.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before JAX loads: glibc reads its tunables at process start only
-    from trainer.hugepages import reexec_with_hugepages
+    from trainer.malloc import reexec_with_malloc_tunables
 
-    reexec_with_hugepages()
+    reexec_with_malloc_tunables()
 
 import contextlib
 import dataclasses
@@ -160,13 +160,12 @@ def _train(cfg: Config, *, devices: list | None, cleanup: contextlib.ExitStack,
                     f"(vocab {cfg.model.vocab_size} padded to {model_cfg.padded_vocab_size})"
                     + (f"; resumed at step {start_step}" if start_step else ""))
 
-        step_fn = jit_train_step(spec.graphdef, tx, schedule, vocab_size=cfg.model.vocab_size,
-                                 label_smoothing=cfg.train.label_smoothing,
+        step_fn = jit_train_step(spec.graphdef, tx, schedule, label_smoothing=cfg.train.label_smoothing,
                                  grad_accum_steps=cfg.train.grad_accum_steps,
                                  skip_nonfinite=cfg.train.on_nonfinite == "skip",
                                  state_shardings=spec.shardings, batch_sharding=run.batch_sharding)
-        eval_fn = jit_eval_step(spec.graphdef, vocab_size=cfg.model.vocab_size,
-                                param_shardings=spec.param_shardings, batch_sharding=run.batch_sharding)
+        eval_fn = jit_eval_step(spec.graphdef, param_shardings=spec.param_shardings,
+                                batch_sharding=run.batch_sharding)
 
         writer = MetricsWriter(cfg.workdir, enabled=is_main, resume_step=start_step)
         cleanup.callback(writer.close)
