@@ -1,11 +1,14 @@
 """`train.profile_steps=START:END` writes a jax.profiler trace for TensorBoard, and only when asked."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import CONFIGS, ROOT, tiny_config
 from trainer.config import ConfigError
 from trainer.train import train
 
@@ -27,3 +30,15 @@ def test_profile_steps_write_a_trace_and_nothing_otherwise(tmp_path):
 def test_a_bad_profile_range_names_the_key(tmp_path, spec):
     with pytest.raises(ConfigError, match=r"train\.profile_steps"):
         tiny_config(tmp_path, f"train.profile_steps={spec}")
+
+
+@pytest.mark.slow
+def test_the_command_writes_a_trace_as_a_user_runs_it(tmp_path):
+    """`python -m trainer.train` with JAX_PLATFORMS unset, as a user runs it: this test install has
+    libtpu (the plan extra), whose profiler plugin crashed the trace before trainer/startup.py."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", str(CONFIGS / "tiny.yaml"), f"workdir={tmp_path}",
+                           "train.steps=4", "train.profile_steps=2:3", "mesh.fsdp=1", "runtime.cpu_devices=1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_traces(tmp_path)) == 1

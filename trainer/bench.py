@@ -2,9 +2,10 @@
 
 Measures, for the configured model, mesh and batch, on this machine:
 - compile time of the train step (ahead-of-time lower + compile);
-- step time (the median over `bench.steps` timed steps, after 2 warm-up steps; also their mean
-  and minimum), tokens/s, model TFLOP/s and MFU at the median, the peak FLOP/s (published for
-  GPU/TPU, measured by a jitted matmul on CPU);
+- step time (the median over `bench.steps` timed steps, after at least 2 warm-up steps: more
+  while a step still maps new host memory, at most 10; also their mean and minimum), tokens/s,
+  model TFLOP/s and MFU at the median, the peak FLOP/s (published for GPU/TPU, measured by a
+  jitted matmul on CPU);
 - memory per device: parameters + optimizer state actually held, and XLA's compiled-step
   figures (arguments, temporaries);
 - the input pipeline alone: batches/s against the train steps/s it has to feed.
@@ -17,12 +18,14 @@ Exit codes: 0 on success, 2 for a user error (one line on stderr).
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before JAX loads: glibc reads its tunables at process start only
-    from trainer.malloc import reexec_with_malloc_tunables
+if __name__ == "__main__":  # before JAX loads (trainer/startup.py): the platform, glibc's tunables
+    from trainer.startup import before_jax
 
-    reexec_with_malloc_tunables()
+    before_jax()
 
+import itertools
 import json
+import resource
 import statistics
 import sys
 import time
@@ -38,6 +41,8 @@ from trainer.step import jit_train_step
 from trainer.train_state import count_params, create_state
 
 _COMMAND_KEYS = ("bench.steps", "bench.pipeline_batches")
+_MAX_WARMUP_STEPS = 10
+_SETTLED_FAULTS = 1000
 
 
 def run(cfg: Config, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str, Any]:
@@ -53,14 +58,11 @@ def run(cfg: Config, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str
         step_fn = jit_train_step(spec.graphdef, tx, schedule, label_smoothing=cfg.train.label_smoothing,
                                  grad_accum_steps=cfg.train.grad_accum_steps, skip_nonfinite=False,
                                  state_shardings=spec.shardings, batch_sharding=setup.batch_sharding)
-        batches = [setup.to_global(next(pipeline)) for _ in range(2 + steps)]
+        batches = [setup.to_global(next(pipeline)) for _ in range(steps)]
         t0 = time.perf_counter()
         compiled = step_fn.lower(state, batches[0]).compile()
         compile_s = time.perf_counter() - t0
-        for batch in batches[:2]:
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics["loss"])
-        step_times, state = _timed_steps(compiled, state, batches[2:])
+        step_times, warmup_steps, state = _timed_steps(compiled, state, batches, steps)
         step_s = statistics.median(step_times)
 
     mesh = setup.mesh
@@ -77,8 +79,8 @@ def run(cfg: Config, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str
         "device": device0.device_kind, "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
         "params_m": count_params(state["params"]) / 1e6, "dtype": model_cfg.dtype,
         "batch_size": cfg.train.batch_size, "lengths": [cfg.data.inputs_length, cfg.data.targets_length],
-        "compile_s": compile_s, "step_time_s": step_s, "step_time_mean_s": statistics.mean(step_times),
-        "step_time_min_s": min(step_times), "steps_per_s": 1.0 / step_s,
+        "compile_s": compile_s, "warmup_steps": warmup_steps, "step_time_s": step_s, "step_time_mean_s": statistics.mean(step_times),
+        "step_time_min_s": min(step_times), "step_times_s": step_times, "steps_per_s": 1.0 / step_s,
         "tokens_per_s": tokens / step_s, "per_device_tokens_per_s": tokens / step_s / mesh.devices.size,
         "model_gflop_per_step": flops / 1e9, "model_tflops_per_s": flops / step_s / 1e12,
         "peak_tflops": peak_total / 1e12, "peak_source": peak_source, "mfu": flops / step_s / peak_total,
@@ -91,26 +93,37 @@ def run(cfg: Config, *, steps: int = 10, pipeline_batches: int = 50) -> dict[str
     }
 
 
-def _timed_steps(compiled: Any, state: Any, batches: list[Any]) -> tuple[list[float], Any]:
-    """Seconds between the ends of consecutive steps (each dispatched before the last one is
-    waited for), and the state after them.
+def _timed_steps(compiled: Any, state: Any, batches: list[Any], steps: int) -> tuple[list[float], int, Any]:
+    """Step times after a warm-up, the number of warm-up steps, and the final state.
 
-    The host queues step n+1 before it waits for step n (as the train loop does), so each
-    interval is the step's own time, not the step plus its dispatch.
+    The host dispatches step n+1 before it waits for step n (as the train loop does), so a step's
+    time is the interval between the ends of consecutive steps, without its dispatch. The warm-up
+    is at least 2 steps, then lasts while a step still maps 1,000 or more new pages of host memory
+    (minor faults), at most 10 steps: on CPU the first steps fault in the heap that glibc keeps
+    for every later one (`trainer.malloc`), and how many steps that takes depends on how the heap
+    fragments.
     """
-    times, pending = [], None
-    last = time.perf_counter()
-    for batch in batches:
-        state, metrics = compiled(state, batch)
-        if pending is not None:
-            jax.block_until_ready(pending)
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
+    times: list[float] = []
+    warmup, pending = 0, None
+    faults, last = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+    for i in itertools.count():
+        state, metrics = compiled(state, batches[i % len(batches)])
+        if pending is None:
+            pending = metrics["loss"]
+            continue
+        jax.block_until_ready(pending)
         pending = metrics["loss"]
-    jax.block_until_ready(pending)
-    times.append(time.perf_counter() - last)
-    return times, state
+        now, now_faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        settled = warmup >= 2 and now_faults - faults < _SETTLED_FAULTS
+        if times or settled or warmup == _MAX_WARMUP_STEPS:
+            times.append(now - last)
+        else:
+            warmup += 1
+        last, faults = now, now_faults
+        if len(times) == steps:
+            jax.block_until_ready(pending)  # the step queued last is not timed
+            return times, warmup, state
+    raise AssertionError("unreachable")
 
 
 def _table(r: dict[str, Any]) -> str:

@@ -6,10 +6,10 @@ Every check that can fail on user input runs before the first compile.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # before JAX loads: glibc reads its tunables at process start only
-    from trainer.malloc import reexec_with_malloc_tunables
+if __name__ == "__main__":  # before JAX loads (trainer/startup.py): the platform, glibc's tunables
+    from trainer.startup import before_jax
 
-    reexec_with_malloc_tunables()
+    before_jax()
 
 import contextlib
 import dataclasses
