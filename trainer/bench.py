@@ -100,7 +100,7 @@ def _timed_steps(compiled: Any, state: Any, batches: list[Any], steps: int) -> t
     time is the interval between the ends of consecutive steps, without its dispatch. The warm-up
     is at least 2 steps, then lasts while a step still maps 1,000 or more new pages of host memory
     (minor faults), at most 10 steps: on CPU the first steps fault in the heap that glibc keeps
-    for every later one (`trainer.malloc`), and how many steps that takes depends on how the heap
+    for every later one (`trainer.startup`), and how many steps that takes depends on how the heap
     fragments.
     """
     times: list[float] = []

@@ -23,8 +23,8 @@ accelerator (no GPU or TPU device node) and with `JAX_PLATFORMS` unset it does t
    The price is that resident memory stays at its high-water mark, which fragmentation raises:
    measured on the reference step, minor faults per step 240,000 -> 0 after the first steps,
    system time per step 0.8 s -> 0.01 s, steady-state step 2.2-2.9 s (alternating) -> 1.8 s,
-   resident memory 2.1 GB -> 2.0-3.5 GB; on the default config 180-206 -> 143-161 ms/step and
-   0.83-0.88 -> 1.08-1.12 GB. (Transparent huge pages, tried before this, fault 13x less but
+   peak resident memory of `trainer.bench configs/bench.yaml` 1.9 -> 3.3-4.7 GiB; on the
+   default config 180-206 -> 143-161 ms/step and 0.79-0.84 -> 1.03-1.11 GiB. (Transparent huge pages, tried before this, fault 13x less but
    still zero every page each step, and on top of the kept heap they made some steps 2x slower
    through the kernel's compaction.)
 
