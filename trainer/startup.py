@@ -20,13 +20,10 @@ accelerator (no GPU or TPU device node) and with `JAX_PLATFORMS` unset it does t
    - `glibc.malloc.arena_max=1`: one heap for every thread (XLA's workers included), so the
      buffer a step frees is found by the next step's allocation, whichever thread makes it.
 
-   The price is that resident memory stays at its high-water mark, which fragmentation raises:
-   measured on the reference step, minor faults per step 240,000 -> 0 after the first steps,
-   system time per step 0.8 s -> 0.01 s, steady-state step 2.2-2.9 s (alternating) -> 1.8 s,
-   peak resident memory of `trainer.bench configs/bench.yaml` 1.9 -> 3.3-4.7 GiB; on the
-   default config 180-206 -> 143-161 ms/step and 0.79-0.84 -> 1.03-1.11 GiB. (Transparent huge pages, tried before this, fault 13x less but
-   still zero every page each step, and on top of the kept heap they made some steps 2x slower
-   through the kernel's compaction.)
+   The price is that resident memory stays at its high-water mark, which fragmentation raises.
+   The measured gain and cost are in the README's Performance section. (Transparent huge pages,
+   tried before this, fault 13x less but still zero every page each step, and on top of the
+   kept heap they made some steps 2x slower through the kernel's compaction.)
 
    glibc reads its tunables once, at process start, so the command re-execs itself with them
    (the same PID, arguments and descriptors). A tunable the user already set in GLIBC_TUNABLES
