@@ -26,6 +26,11 @@ import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
+# The default config (embedded corpus, SentencePiece, packing on) with a small model and short rows.
+SMALL_DEFAULT = (str(CONFIGS / "default.yaml"), "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64",
+                 "model.encoder_layers=1", "model.decoder_layers=1", "data.inputs_length=32",
+                 "data.targets_length=32", "train.batch_size=8", "train.log_every=1", "train.eval_every=0",
+                 "decode.eval_samples=0", "train.warmup_steps=2")
 
 
 def read_metrics(workdir, split="train"):

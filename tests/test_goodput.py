@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,13 +10,8 @@ import time
 
 import pytest
 
-from tests.conftest import CONFIGS, ROOT, read_metrics, tiny_config
+from tests.conftest import ROOT, SMALL_DEFAULT, read_metrics, tiny_config
 from trainer.goodput import CATEGORIES, read_launches
-
-SMALL_DEFAULT = (str(CONFIGS / "default.yaml"), "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64",
-                 "model.encoder_layers=1", "model.decoder_layers=1", "data.inputs_length=32",
-                 "data.targets_length=32", "train.batch_size=8", "train.log_every=1", "train.eval_every=0",
-                 "decode.eval_samples=0", "train.warmup_steps=2")
 
 
 def test_categories_add_up_to_the_wall_time_in_records_tensorboard_and_the_account(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from tests.conftest import CONFIGS, ROOT, tiny_config
+from tests.conftest import ROOT, SMALL_DEFAULT, tiny_config
 from trainer.config import ConfigError
 from trainer.train import train
 
@@ -34,11 +34,13 @@ def test_a_bad_profile_range_names_the_key(tmp_path, spec):
 
 @pytest.mark.slow
 def test_the_command_writes_a_trace_as_a_user_runs_it(tmp_path):
-    """`python -m trainer.train` with JAX_PLATFORMS unset, as a user runs it: this test install has
-    libtpu (the plan extra), whose profiler plugin crashed the trace before trainer/startup.py."""
+    """`python -m trainer.train` with JAX_PLATFORMS unset, as a user runs it, on the default data
+    path (a small model): this test install has libtpu (the plan extra), whose profiler plugin
+    crashed the trace before trainer/startup.py."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    proc = subprocess.run([sys.executable, "-m", "trainer.train", str(CONFIGS / "tiny.yaml"), f"workdir={tmp_path}",
-                           "train.steps=4", "train.profile_steps=2:3", "mesh.fsdp=1", "runtime.cpu_devices=1"],
+    proc = subprocess.run([sys.executable, "-m", "trainer.train", *SMALL_DEFAULT,
+                           f"workdir={tmp_path}", "train.steps=4", "train.profile_steps=2:3", "mesh.fsdp=1",
+                           "runtime.cpu_devices=1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_traces(tmp_path)) == 1

@@ -9,14 +9,8 @@ import time
 
 import pytest
 
-from tests.conftest import CONFIGS, ROOT, read_metrics
+from tests.conftest import ROOT, SMALL_DEFAULT, read_metrics
 from trainer.watchdog import EXIT_HANG, HangWatchdog
-
-# The default config (embedded corpus, SentencePiece, packing) with a small model.
-SMALL_DEFAULT = (str(CONFIGS / "default.yaml"), "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64",
-                 "model.encoder_layers=1", "model.decoder_layers=1", "data.inputs_length=32",
-                 "data.targets_length=32", "train.batch_size=8", "train.log_every=1", "train.eval_every=0",
-                 "decode.eval_samples=0", "train.warmup_steps=2")
 
 
 def _env(**extra):
