@@ -36,3 +36,19 @@ def test_flops_formula_counts_every_matmul():
            + 2 * 2 * lt * li * hd + 2 * lt * d * m * 2)
     logits = 2 * lt * d * v
     assert model_flops_per_step(cfg, b, li, lt) == 3 * (enc + dec + logits)
+
+
+def test_the_cpu_peak_is_the_fastest_of_about_a_second_of_matmuls():
+    """A short burst of load from another process must not set the peak (and so MFU): the
+    measurement keeps timing matmuls for at least `min_seconds`, and at most `max_repeats`."""
+    import time
+
+    from trainer.flops import measure_peak_flops
+
+    start = time.perf_counter()
+    peak = measure_peak_flops(n=256, min_seconds=0.3, max_repeats=1_000_000)
+    assert time.perf_counter() - start >= 0.3
+    assert peak > 0
+    start = time.perf_counter()
+    measure_peak_flops(n=256, repeats=2, min_seconds=60.0, max_repeats=3)
+    assert time.perf_counter() - start < 60.0
