@@ -1,6 +1,7 @@
 """`python -m trainer.bench` runs and reports every figure (values are not asserted: timing)."""
 
 import json
+import time
 
 import pytest
 
@@ -41,8 +42,6 @@ def test_flops_formula_counts_every_matmul():
 def test_the_cpu_peak_is_the_fastest_of_about_a_second_of_matmuls():
     """A short burst of load from another process must not set the peak (and so MFU): the
     measurement keeps timing matmuls for at least `min_seconds`, and at most `max_repeats`."""
-    import time
-
     from trainer.flops import measure_peak_flops
 
     start = time.perf_counter()

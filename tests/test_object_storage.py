@@ -17,13 +17,13 @@ import time
 import pytest
 
 from tests.conftest import CONFIGS, ROOT
+from tests.conftest import SMALL_DEFAULT as BASE_DEFAULT
 from tests.object_store import _server_logs, object_store  # noqa: F401  (fixtures)
 from trainer import storage
 
-SMALL_DEFAULT = (str(CONFIGS / "default.yaml"), "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64",
-                 "model.encoder_layers=1", "model.decoder_layers=1", "data.inputs_length=48",
-                 "data.targets_length=48", "train.batch_size=8", "train.log_every=1", "train.eval_every=0",
-                 "decode.eval_samples=0", "train.warmup_steps=2", "checkpoint.every=0", "runtime.cpu_devices=1")
+# The default data path with a small model (tests.conftest), rows of 48, no checkpoints, one device.
+SMALL_DEFAULT = (*BASE_DEFAULT, "data.inputs_length=48", "data.targets_length=48", "checkpoint.every=0",
+                 "runtime.cpu_devices=1")
 STEPS = 12
 
 

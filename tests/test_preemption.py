@@ -11,13 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import CONFIGS, ROOT, read_metrics
+from tests.conftest import ROOT, read_metrics
+from tests.conftest import SMALL_DEFAULT as BASE_DEFAULT
 
-# The default config (embedded corpus, SentencePiece, packing) with a small model and short rows.
-SMALL_DEFAULT = (str(CONFIGS / "default.yaml"), "model.d_model=32", "model.num_heads=2", "model.mlp_dim=64",
-                 "model.encoder_layers=1", "model.decoder_layers=1", "data.inputs_length=48",
-                 "data.targets_length=48", "train.batch_size=8", "train.log_every=1", "train.eval_every=0",
-                 "decode.eval_samples=0", "train.warmup_steps=2", "model.dropout=0.1", "checkpoint.every=0")
+# The default data path with a small model (tests.conftest), rows of 48, dropout on, no checkpoints.
+SMALL_DEFAULT = (*BASE_DEFAULT, "data.inputs_length=48", "data.targets_length=48", "model.dropout=0.1",
+                 "checkpoint.every=0")
 STEPS = 40  # the signal lands within the first 20; JAX's sync point may pick a later step
 
 
