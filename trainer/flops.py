@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -78,7 +79,13 @@ def measure_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5, 
 
 def peak_flops_per_device(dtype: str = "float32") -> tuple[float, str]:
     """The chip's published peak, or a measured one on CPU; returns (FLOP/s, where it came from)."""
-    kind = jax.local_devices()[0].device_kind
+    return _peak_flops(jax.local_devices()[0].device_kind, dtype)
+
+
+@functools.cache
+def _peak_flops(kind: str, dtype: str) -> tuple[float, str]:
+    # Measured once per process: each run started in it (a notebook, a sweep, the test suite's
+    # in-process runs) would otherwise spend another second of matmuls on the same answer.
     for prefix, peak in PEAK_FLOPS.items():
         if kind.startswith(prefix):
             return peak, f"published peak of {kind}"
