@@ -164,7 +164,10 @@ def test_a_flipped_bit_sets_the_step_aside_and_resumes_from_the_one_before(check
         manager.close()
     captured = capsys.readouterr()
     assert f"checkpoint {workdir / 'checkpoints' / '2'} is damaged or incomplete" in captured.err
-    assert "does not match the checksum saved with it" in captured.err
+    # Caught by the array checksums, or earlier by the reader when the flip lands in a compressed
+    # chunk's framing (which chunk sits mid-file varies with the order the async writers wrote in).
+    assert ("does not match the checksum saved with it" in captured.err
+            or "(reading its arrays: " in captured.err), captured.err
     assert f"resuming from checkpoint step 1: {workdir / 'checkpoints' / '1'}" in captured.out
     assert int(state["step"]) == 1 and states[0]["batches"] == 10
     assert (workdir / "checkpoints" / "2.damaged").is_dir() and not (workdir / "checkpoints" / "2").exists()
